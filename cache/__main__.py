@@ -1,0 +1,33 @@
+import argparse
+import sys
+
+from cache import DEFAULT_CACHE, CacheError
+from cache.check import describe, find_problems
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser("python -m cache", add_help=add_help,
+                                     description="Inspect or verify a feature cache.")
+    parser.add_argument("command", choices=["info", "verify"],
+                        help="info: schema, provenance and counts; verify: integrity checks")
+    parser.add_argument("path", nargs="?", default=DEFAULT_CACHE, help="the HDF5 cache")
+    return parser
+
+
+def main(args) -> int:
+    try:
+        if args.command == "info":
+            print(describe(args.path))
+            return 0
+        problems = find_problems(args.path)
+    except CacheError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"problem: {problem}")
+    print(f"{args.path}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,220 @@
+"""The NIH ChestX-ray14 download: label CSV, official split lists and where the PNGs are.
+
+Label contract: `CLASSES` in this order, multi-hot uint8; "No Finding" is all zeros.
+Split contract: `test` is exactly the official test_list.txt; `train` and `val` partition the
+official train_val_list.txt by patient, so no patient is ever in two splits.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+CLASSES = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
+    "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening",
+    "Pneumonia", "Pneumothorax",
+)
+NO_FINDING = "No Finding"
+# The v2020 file first: it fixes 181 labels of the 2017 one that many mirrors still serve.
+LABEL_CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv",
+                   "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv.gz")
+TRAIN_VAL_LIST, TEST_LIST = "train_val_list.txt", "test_list.txt"
+_REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
+_DOWNLOAD_HINT = "they come with the NIH download (https://nihcc.app.box.com/v/ChestXray-NIHCC)"
+
+
+class DatasetError(Exception):
+    """The data folder, label CSV or split lists are not what the NIH download contains."""
+
+
+def find_labels_csv(data_dir) -> Path:
+    for name in LABEL_CSV_NAMES:
+        if (Path(data_dir) / name).exists():
+            return Path(data_dir) / name
+    raise DatasetError(f"no label CSV in {data_dir}: expected one of {', '.join(LABEL_CSV_NAMES[:2])} ({_DOWNLOAD_HINT})")
+
+
+def read_labels_csv(path) -> pd.DataFrame:
+    """image_id, patient_id and the multi-hot `labels` (an (N, 14) array in `.attrs`), sorted
+    by image id. Reads both the v2020 and the original 2017 variants."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise DatasetError(f"cannot read label CSV {path}: {err}") from err
+    # The 2017 file's header ends with a comma, which adds an empty "Unnamed: N" column.
+    frame = frame.loc[:, [c for c in frame.columns if not c.startswith("Unnamed")]]
+    frame.columns = [c.strip() for c in frame.columns]
+    missing = [c for c in _REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DatasetError(f"{path} lacks columns {missing} (found {list(frame.columns)[:6]}); "
+                           f"is it the NIH Data_Entry CSV?")
+    image_ids = frame["Image Index"].str.strip()
+    for line, image_id in zip(range(2, len(frame) + 2), image_ids):
+        _check_image_id(image_id, where=f"{path} line {line}")
+    duplicated = image_ids[image_ids.duplicated()]
+    if len(duplicated):
+        raise DatasetError(f"{path}: image ids appear twice, e.g. {duplicated.iloc[0]}")
+    patient_ids = _parse_patient_ids(frame["Patient ID"], path)
+    labels = _parse_labels(frame["Finding Labels"], image_ids, path)
+    table = pd.DataFrame({"image_id": image_ids.to_numpy(), "patient_id": patient_ids})
+    order = np.argsort(table["image_id"].to_numpy(), kind="stable")
+    table = table.iloc[order].reset_index(drop=True)
+    table.attrs["labels"] = labels[order]
+    return table
+
+
+def _check_image_id(image_id: str, *, where: str) -> None:
+    if not image_id or "/" in image_id or "\\" in image_id or ".." in image_id or image_id.startswith("."):
+        raise DatasetError(f"{where}: image id {image_id!r} is not a plain file name; refusing "
+                           f"to read outside the image folders")
+
+
+def _parse_patient_ids(column: pd.Series, path) -> np.ndarray:
+    # 2017 files zero-pad patient ids ("00001"); int() reads both forms alike.
+    numbers = pd.to_numeric(column.str.strip(), errors="coerce")
+    bad = numbers.isna() | (numbers % 1 != 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DatasetError(f"{path} line {row + 2}: Patient ID {column.iloc[row]!r} is not an integer")
+    return numbers.to_numpy(dtype=np.int64)
+
+
+def _parse_labels(column: pd.Series, image_ids: pd.Series, path) -> np.ndarray:
+    index = {name: i for i, name in enumerate(CLASSES)}
+    labels = np.zeros((len(column), len(CLASSES)), dtype=np.uint8)
+    for row, text in enumerate(column):
+        for name in (part.strip() for part in text.split("|")):
+            if name == NO_FINDING:
+                continue
+            if name not in index:
+                raise DatasetError(
+                    f"{path} line {row + 2} ({image_ids.iloc[row]}): unknown finding {name!r}; "
+                    f"expected '{NO_FINDING}' or one of {', '.join(CLASSES)}")
+            labels[row, index[name]] = 1
+    return labels
+
+
+def read_split_list(path) -> list[str]:
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(
+            f"split list {path} is missing: {_DOWNLOAD_HINT}. Without the official lists the "
+            f"test split is not the published one; --random-split falls back to a seeded "
+            f"patient-wise split")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    for line, image_id in enumerate(ids, start=1):
+        _check_image_id(image_id, where=f"{path} line {line}")
+    return ids
+
+
+def official_splits(table: pd.DataFrame, *, data_dir, val_fraction: float, seed: int) -> np.ndarray:
+    """test from test_list.txt; train/val by patient from train_val_list.txt. Rows listed in
+    neither are marked "" (the caller drops them)."""
+    train_val = set(read_split_list(Path(data_dir) / TRAIN_VAL_LIST))
+    test = set(read_split_list(Path(data_dir) / TEST_LIST))
+    both = train_val & test
+    if both:
+        raise DatasetError(f"{len(both)} image ids are in both split lists, e.g. {sorted(both)[0]}")
+    unknown = (train_val | test) - set(table["image_id"])
+    if unknown:
+        raise DatasetError(f"{len(unknown)} ids in the split lists are not in the label CSV, "
+                           f"e.g. {sorted(unknown)[0]}: do the lists and the CSV come from the same download?")
+    split = np.full(len(table), "", dtype=object)
+    split[table["image_id"].isin(test).to_numpy()] = "test"
+    in_train_val = table["image_id"].isin(train_val).to_numpy()
+    val_patients = _choose_patients(table["patient_id"][in_train_val], val_fraction, seed)
+    is_val = table["patient_id"].isin(val_patients).to_numpy()
+    split[in_train_val & is_val] = "val"
+    split[in_train_val & ~is_val] = "train"
+    return split
+
+
+def random_splits(table: pd.DataFrame, *, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """A seeded patient-wise split for data without the official lists (not comparable to
+    published test results)."""
+    warnings.warn("using a random patient-wise split: test results are not comparable with "
+                  "papers that use the official test_list.txt", stacklevel=2)
+    patients = table["patient_id"]
+    test_patients = _choose_patients(patients, test_fraction, seed)
+    rest = ~patients.isin(test_patients)
+    val_patients = _choose_patients(patients[rest], val_fraction / (1 - test_fraction), seed + 1)
+    split = np.full(len(table), "train", dtype=object)
+    split[patients.isin(val_patients).to_numpy()] = "val"
+    split[patients.isin(test_patients).to_numpy()] = "test"
+    return split
+
+
+def _choose_patients(patient_ids: pd.Series, fraction: float, seed: int) -> set:
+    unique = np.unique(patient_ids.to_numpy())
+    chosen = np.random.default_rng(seed).permutation(unique)[: int(round(fraction * len(unique)))]
+    return set(chosen.tolist())
+
+
+def assert_patient_disjoint(patient_ids, splits) -> None:
+    """Raise if any patient has images in two splits: the leak behind inflated published AUCs."""
+    patient_ids, splits = np.asarray(patient_ids), np.asarray(splits)
+    owner = {}
+    for patient, split in zip(patient_ids, splits):
+        if owner.setdefault(patient, split) != split:
+            raise DatasetError(f"patient {patient} is in both {owner[patient]} and {split}: "
+                               f"splits must be patient-wise")
+
+
+def index_images(data_dir) -> dict[str, Path]:
+    """Map file name to path for the PNGs in `images/` or the official `images_001/images/`
+    ... `images_012/images/` folders (and unpacked variants of either)."""
+    data_dir = Path(data_dir)
+    folders = [data_dir / "images"]
+    for entry in sorted(data_dir.glob("images_*")):
+        folders += [entry / "images", entry]
+    found = {}
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(".png") and entry.name not in found:
+                    found[entry.name] = Path(entry.path)
+    return found
+
+
+def file_sha256(*paths) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def load_dataset(data_dir, *, val_fraction: float, seed: int, random_split: bool = False,
+                 labels_csv=None) -> tuple[dict, dict]:
+    """The cache's row table (image_id, patient_id, labels, split) and its provenance."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DatasetError(f"--data-dir {data_dir} is not a folder")
+    csv_path = Path(labels_csv) if labels_csv else find_labels_csv(data_dir)
+    table = read_labels_csv(csv_path)
+    labels = table.attrs["labels"]
+    lists = [data_dir / TRAIN_VAL_LIST, data_dir / TEST_LIST]
+    if random_split and not all(p.exists() for p in lists):
+        split = random_splits(table, val_fraction=val_fraction, test_fraction=0.2, seed=seed)
+        source, lists_hash = "random patient-wise (test 0.2)", ""
+    else:
+        split = official_splits(table, data_dir=data_dir, val_fraction=val_fraction, seed=seed)
+        source, lists_hash = "official lists", file_sha256(*lists)
+    keep = split != ""
+    rows = {"image_id": table["image_id"].to_numpy()[keep], "patient_id": table["patient_id"].to_numpy()[keep],
+            "labels": labels[keep], "split": split[keep]}
+    assert_patient_disjoint(rows["patient_id"], rows["split"])
+    provenance = {"source_csv": csv_path.name, "source_csv_sha256": file_sha256(csv_path),
+                  "split_lists_sha256": lists_hash, "split_source": source,
+                  "val_fraction": float(val_fraction), "split_seed": int(seed),
+                  "classes": list(CLASSES)}
+    return rows, provenance
