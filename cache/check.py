@@ -93,7 +93,7 @@ def _patient_overlaps(table) -> list[str]:
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         shared = patients[a] & patients[b]
         if shared:
-            problems.append(f"{len(shared)} patients are in both {a} and {b} (e.g. {sorted(shared)[:3]})")
+            problems.append(f"{len(shared)} patients are in both {a} and {b} (e.g. {[int(p) for p in sorted(shared)[:3]]})")
     return problems
 
 
@@ -111,5 +111,5 @@ def _feature_problems(path, done, dim, block_rows) -> list[str]:
             bad = ~np.isfinite(block).all(axis=1)
             bad_rows += list(np.flatnonzero(block_done)[bad] + start)
     if bad_rows:
-        return [f"{len(bad_rows)} done rows have NaN or infinite features (rows {bad_rows[:5]}...)"]
+        return [f"{len(bad_rows)} done rows have NaN or infinite features (rows {[int(r) for r in bad_rows[:5]]}...)"]
     return []

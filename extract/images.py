@@ -42,7 +42,7 @@ def _to_gray_uint8(image: Image.Image) -> np.ndarray:
         return np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
     if image.mode == "L":
         return np.asarray(image).copy()
-    return np.asarray(image.convert("RGB").convert("L"))
+    return np.array(image.convert("RGB").convert("L"))
 
 
 def resize_gray(gray: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -1,0 +1,47 @@
+"""Shared fixtures: a small synthetic NIH-layout dataset and a cache extracted from it with
+random weights at a small image size, so that the suite needs no data, GPU or network."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from extract.synthetic import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+# The real NIH metadata (no images) sits in shared/nih beside the repository checkout.
+NIH_METADATA = Path(os.environ.get("CXR14_NIH_METADATA", REPO.parent / "shared" / "nih"))
+TINY = ["--weights", "none", "--image-size", "64", "--device", "cpu", "--workers", "0", "--batch-size", "16"]
+
+
+def run_cli(*args, cwd=REPO, timeout=300, check_rc=None):
+    """Run `python -m ...` as a user would; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore::UserWarning", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check_rc is not None:
+        assert result.returncode == check_rc, f"rc={result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def nih_metadata():
+    if not (NIH_METADATA / "Data_Entry_2017_v2020.csv.gz").exists():
+        pytest.skip(f"real NIH metadata not found at {NIH_METADATA}")
+    return NIH_METADATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nih")
+    write_dataset(out, patients=60, images_per_patient=3, size=96, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def extracted_cache(synthetic_dir, tmp_path_factory):
+    """A finished cache of the synthetic dataset (read-only for the tests that share it)."""
+    path = tmp_path_factory.mktemp("cache") / "features.h5"
+    run_cli("extract", "--data-dir", synthetic_dir, "--cache", path, *TINY, check_rc=0)
+    return path
