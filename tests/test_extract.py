@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 import cache
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, call_main
 from extract import backbone
 from extract.synthetic import write_dataset
 
@@ -37,7 +37,7 @@ def test_extract_fills_every_row_with_finite_features(extracted_cache, synthetic
 def test_summary_and_rerun_does_nothing(extracted_cache, synthetic_dir, tmp_path):
     copy = tmp_path / "copy.h5"
     shutil.copy(extracted_cache, copy)
-    result = run_cli("extract", "--data-dir", synthetic_dir, "--cache", copy, *TINY, check_rc=0)
+    result = call_main("extract", "--data-dir", synthetic_dir, "--cache", copy, *TINY, check_rc=0)
     assert "extracted 0 images" in result.stdout and "train" in result.stdout
 
 
@@ -48,7 +48,7 @@ def test_bad_images_are_recorded_and_the_run_goes_on(synthetic_dir, tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:200])
     next(data.glob("images_*/images/00000003_000.png")).unlink()
     path = tmp_path / "c.h5"
-    result = run_cli("extract", "--data-dir", data, "--cache", path, *TINY)
+    result = call_main("extract", "--data-dir", data, "--cache", path, *TINY)
     assert result.returncode == 1, result.stderr
     assert "2 images could not be embedded" in result.stdout
     assert "00000002_001.png:" in result.stdout and "00000003_000.png: image file not found" in result.stdout
@@ -61,7 +61,7 @@ def test_bad_images_are_recorded_and_the_run_goes_on(synthetic_dir, tmp_path):
 
 def test_only_the_requested_split_is_filled(synthetic_dir, tmp_path):
     path = tmp_path / "c.h5"
-    run_cli("extract", "--data-dir", synthetic_dir, "--cache", path, "--split", "test", *TINY, check_rc=0)
+    call_main("extract", "--data-dir", synthetic_dir, "--cache", path, "--split", "test", *TINY, check_rc=0)
     table = cache.read_table(path)
     assert (table["done"] == (table["split"] == "test")).all()
 
@@ -81,7 +81,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(extracted_cache, synth
     process.wait()
     table = cache.read_table(path)  # the file still opens
     assert cache.pending_part_rows(path) >= 12 and not table["done"].all()
-    result = run_cli("extract", "--data-dir", synthetic_dir, "--cache", path, *TINY, check_rc=0)
+    result = call_main("extract", "--data-dir", synthetic_dir, "--cache", path, *TINY, check_rc=0)
     assert "merged" in result.stdout and "interrupted run" in result.stdout
     resumed_table, resumed = _features(path)
     full_table, full = _features(extracted_cache)
@@ -94,10 +94,10 @@ def test_other_settings_are_refused_naming_the_difference(extracted_cache, synth
     copy = tmp_path / "copy.h5"
     shutil.copy(extracted_cache, copy)
     args = [a if a != "64" else "72" for a in TINY]
-    result = run_cli("extract", "--data-dir", synthetic_dir, "--cache", copy, *args)
+    result = call_main("extract", "--data-dir", synthetic_dir, "--cache", copy, *args)
     assert result.returncode == 2
     assert "image_size: cache has 64, this run asks 72" in result.stderr
-    result = run_cli("extract", "--data-dir", synthetic_dir, "--cache", copy, *TINY, "--val-fraction", "0.3")
+    result = call_main("extract", "--data-dir", synthetic_dir, "--cache", copy, *TINY, "--val-fraction", "0.3")
     assert result.returncode == 2 and "val_fraction" in result.stderr
 
 
@@ -105,7 +105,7 @@ def test_second_extract_on_one_cache_is_refused(extracted_cache, synthetic_dir, 
     copy = tmp_path / "copy.h5"
     shutil.copy(extracted_cache, copy)
     with cache.exclusive_lock(copy):
-        result = run_cli("extract", "--data-dir", synthetic_dir, "--cache", copy, *TINY)
+        result = call_main("extract", "--data-dir", synthetic_dir, "--cache", copy, *TINY)
     assert result.returncode == 2 and "another extract process" in result.stderr
 
 
@@ -121,7 +121,7 @@ def test_local_weights_file_is_loaded_and_recorded(synthetic_dir, tmp_path):
     torch.save({"conv1.weight": state["conv1.weight"]}, tmp_path / "partial.pth")
     with pytest.raises(backbone.WeightsError, match="not a ResNet50 state dict"):
         backbone.build_backbone(str(tmp_path / "partial.pth"), device=torch.device("cpu"))
-    result = run_cli("extract", "--data-dir", synthetic_dir, "--cache", tmp_path / "c.h5",
+    result = call_main("extract", "--data-dir", synthetic_dir, "--cache", tmp_path / "c.h5",
                      "--weights", tmp_path / "missing.pth", "--device", "cpu")
     assert result.returncode == 2 and "missing.pth: no such file" in result.stderr
 
@@ -145,7 +145,7 @@ def test_images_of_every_mode_and_size_embed(tmp_path):
     Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "images" / ids[3])
     Image.fromarray(gray).resize((80, 60)).save(tmp_path / "images" / ids[4])
     path = tmp_path / "c.h5"
-    run_cli("extract", "--data-dir", tmp_path, "--cache", path, *TINY, check_rc=0)
+    call_main("extract", "--data-dir", tmp_path, "--cache", path, *TINY, check_rc=0)
     table, features = _features(path)
     assert table["done"].all()
     # RGBA, RGB and 16-bit copies of one image decode to the same gray, so the same embedding.
