@@ -1,0 +1,105 @@
+"""AUC-ROC per class, their macro mean, patient-level bootstrap intervals and ROC plots."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+
+def auc_per_class(labels: np.ndarray, scores: np.ndarray) -> list:
+    """scikit-learn's AUC for each column; None where a class has only one label value (it
+    cannot be scored, and is left out of the mean)."""
+    labels = np.asarray(labels)
+    return [
+        float(roc_auc_score(labels[:, c], scores[:, c])) if 0 < labels[:, c].sum() < len(labels) else None
+        for c in range(labels.shape[1])
+    ]
+
+
+def fast_auc_per_class(labels: np.ndarray, scores: np.ndarray) -> list:
+    """The same numbers as auc_per_class (to float rounding) in one vectorized pass per class,
+    without scikit-learn's per-call input checks, which dominate per-epoch validation."""
+    labels = np.asarray(labels)
+    ones = np.ones((1, len(labels)), np.float64)
+    return [
+        float(weighted_auc(labels[:, c], scores[:, c], ones)[0]) if 0 < labels[:, c].sum() < len(labels) else None
+        for c in range(labels.shape[1])
+    ]
+
+
+def mean_auc(aucs: list) -> float:
+    scored = [a for a in aucs if a is not None]
+    return float(np.mean(scored)) if scored else float("nan")
+
+
+def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUC of one class under each row of `weights` ((B, n) non-negative row weights): the
+    Mann-Whitney statistic with ties counted half, as scikit-learn computes it. With all
+    weights 1 it equals roc_auc_score; with bootstrap counts it scores B resamples in one
+    vectorized pass, where 1,000 x 14 scikit-learn calls would take tens of seconds."""
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores, sorted_labels = scores[order], labels[order].astype(bool)
+    weights = weights[:, order]
+    tie_starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    pos = np.add.reduceat(np.where(sorted_labels, weights, 0), tie_starts, axis=1)
+    neg = np.add.reduceat(np.where(sorted_labels, 0, weights), tie_starts, axis=1)
+    neg_below = np.cumsum(neg, axis=1) - neg
+    wins = (pos * (neg_below + 0.5 * neg)).sum(axis=1)
+    pairs = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, wins / pairs, np.nan)
+
+
+def bootstrap_auc(labels, scores, patient_ids, *, n_resamples: int = 1000, seed: int = 0,
+                  chunk: int = 100) -> np.ndarray:
+    """(n_resamples, C) AUCs on resamples of patients (not images: one patient's images are
+    correlated, and resampling them alone would make the intervals too narrow)."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    patients, row_patient = np.unique(np.asarray(patient_ids), return_inverse=True)
+    rng = np.random.default_rng(seed)
+    results = np.empty((n_resamples, labels.shape[1]))
+    for start in range(0, n_resamples, chunk):
+        size = min(chunk, n_resamples - start)
+        draws = rng.integers(0, len(patients), size=(size, len(patients)))
+        offsets = draws + len(patients) * np.arange(size)[:, None]
+        counts = np.bincount(offsets.ravel(), minlength=size * len(patients)).reshape(size, len(patients))
+        weights = counts[:, row_patient].astype(np.float32)
+        for c in range(labels.shape[1]):
+            results[start:start + size, c] = weighted_auc(labels[:, c], scores[:, c], weights)
+    return results
+
+
+def confidence_intervals(resampled: np.ndarray, *, level: float = 0.95) -> dict:
+    """Percentile intervals per class and for the macro mean (over classes scorable in each
+    resample)."""
+    tail = 100 * (1 - level) / 2
+    with np.errstate(all="ignore"):
+        per_class = np.nanpercentile(resampled, [tail, 100 - tail], axis=0).T
+        macro = np.nanpercentile(np.nanmean(resampled, axis=1), [tail, 100 - tail])
+    return {"per_class": per_class.tolist(), "mean": macro.tolist(), "level": level}
+
+
+def plot_roc_curves(path, *, labels, scores, classes, aucs, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 4, figsize=(13, 13), sharex=True, sharey=True)
+    for c, ax in enumerate(axes.flat):
+        if c >= len(classes):
+            ax.axis("off")
+            continue
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        if aucs[c] is not None:
+            fpr, tpr, _ = roc_curve(labels[:, c], scores[:, c])
+            ax.plot(fpr, tpr, lw=1.5)
+        ax.set_title(f"{classes[c]}  AUC {aucs[c]:.3f}" if aucs[c] is not None else f"{classes[c]}  (not scorable)",
+                     fontsize=10)
+        ax.set_aspect("equal")
+    for ax in axes[-1]:
+        ax.set_xlabel("false positive rate")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("true positive rate")
+    fig.suptitle(title)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.05, top=0.93, wspace=0.15, hspace=0.25)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

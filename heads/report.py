@@ -1,0 +1,142 @@
+"""A run directory: everything a report says, and what it takes to recompute it.
+
+    config.json          every resolved setting, the cache and its fingerprint, versions
+    metrics.json         per-class val/test AUC, macro means, 95% CIs, best epoch, timing, rows
+    per_class_auc.csv    the table printed at the end, with published figures for context
+    predictions_val.csv  image_id, patient_id, prob_<class> x C, label_<class> x C
+    predictions_test.csv (recompute any AUC with sklearn; the CI needs patient_id)
+    train_log.jsonl      one line per epoch: loss and validation mean AUC
+    head.pt              state dict, settings and standardization (torch.load(weights_only=True))
+    roc_curves.png       test ROC curve of every class
+
+The directory is built under a temporary name and renamed when complete, so a failed run
+never leaves something that looks like a result.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from heads.evaluate import auc_per_class, bootstrap_auc, confidence_intervals, mean_auc, plot_roc_curves
+
+LITERATURE_NOTE = ("published test AUCs under other protocols, for context only: Wang et al. 2017 "
+                   "(ResNet-50, official split), CheXNet (DenseNet-121 fine-tuned, its own split)")
+
+
+def literature_auc() -> pd.DataFrame:
+    with resources.files("heads").joinpath("literature_auc.csv").open() as handle:
+        return pd.read_csv(handle).set_index("class")
+
+
+def prepare_out_dir(out, *, overwrite: bool) -> Path:
+    """The temporary folder to build a run in; refuses to replace a finished run unasked."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} already holds a run; pick another --out or pass --overwrite")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def finish_out_dir(partial: Path, out) -> Path:
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
+
+
+def evaluate_split(split, scores: np.ndarray) -> dict:
+    aucs = auc_per_class(split.labels.cpu().numpy(), scores)
+    return {"auc": aucs, "mean_auc": mean_auc(aucs), "rows": len(split),
+            "not_scorable": [i for i, a in enumerate(aucs) if a is None]}
+
+
+def write_run(partial: Path, *, classes, config: dict, val, val_scores, test, test_scores,
+              fit: dict, checkpoint: dict | None, n_bootstrap: int, seed: int) -> dict:
+    """Write every file of a run into `partial`; returns metrics.json's content."""
+    metrics = {"val": evaluate_split(val, val_scores), "test": evaluate_split(test, test_scores), **fit}
+    resampled = bootstrap_auc(test.labels.cpu().numpy(), test_scores, test.patient_ids,
+                              n_resamples=n_bootstrap, seed=seed)
+    metrics["test"]["ci95"] = confidence_intervals(resampled)
+    metrics["test"]["bootstrap"] = {"resamples": n_bootstrap, "unit": "patient", "seed": seed}
+    for name in ("val", "test"):
+        metrics[name]["auc"] = dict(zip(classes, metrics[name]["auc"]))
+        metrics[name]["not_scorable"] = [classes[i] for i in metrics[name]["not_scorable"]]
+    _write_json(partial / "config.json", config)
+    _write_json(partial / "metrics.json", metrics)
+    table = per_class_table(classes, metrics)
+    table.to_csv(partial / "per_class_auc.csv", index=False, float_format="%.4f")
+    write_predictions(partial / "predictions_val.csv", val, val_scores, classes)
+    write_predictions(partial / "predictions_test.csv", test, test_scores, classes)
+    with open(partial / "train_log.jsonl", "w") as handle:
+        handle.writelines(json.dumps(line) + "\n" for line in fit.get("history", []))
+    if checkpoint is not None:
+        torch.save(checkpoint, partial / "head.pt")
+    test_aucs = [metrics["test"]["auc"][c] for c in classes]
+    plot_roc_curves(partial / "roc_curves.png", labels=test.labels.cpu().numpy(), scores=test_scores,
+                    classes=classes, aucs=test_aucs,
+                    title=f"{config.get('model', 'head')}: test mean AUC {metrics['test']['mean_auc']:.3f}")
+    return metrics
+
+
+def _write_json(path, content) -> None:
+    path.write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.tolist() if getattr(value, "ndim", 0) else value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def write_predictions(path, split, scores: np.ndarray, classes) -> None:
+    """Probabilities as float32 written with 9 significant digits: every value reads back
+    to the same float32, so AUCs recomputed from the file match metrics.json exactly."""
+    frame = pd.DataFrame({"image_id": split.image_ids, "patient_id": split.patient_ids})
+    labels = split.labels.cpu().numpy().astype(np.uint8)
+    probabilities = pd.DataFrame(scores.astype(np.float32), columns=[f"prob_{c}" for c in classes])
+    label_frame = pd.DataFrame(labels, columns=[f"label_{c}" for c in classes])
+    pd.concat([frame, probabilities, label_frame], axis=1).to_csv(path, index=False, float_format="%.9g")
+
+
+def per_class_table(classes, metrics) -> pd.DataFrame:
+    literature = literature_auc()
+    ci = metrics["test"]["ci95"]["per_class"]
+    rows = []
+    for index, name in enumerate(classes):
+        rows.append({
+            "class": name, "test_auc": metrics["test"]["auc"][name],
+            "ci95_low": ci[index][0], "ci95_high": ci[index][1], "val_auc": metrics["val"]["auc"][name],
+            "wang2017_resnet50": literature["wang2017_resnet50"].get(name, np.nan),
+            "chexnet2017_densenet121": literature["chexnet2017_densenet121"].get(name, np.nan),
+        })
+    scored = [name for name in classes if metrics["test"]["auc"][name] is not None]
+    rows.append({"class": f"mean ({len(scored)} classes)", "test_auc": metrics["test"]["mean_auc"],
+                 "ci95_low": metrics["test"]["ci95"]["mean"][0], "ci95_high": metrics["test"]["ci95"]["mean"][1],
+                 "val_auc": metrics["val"]["mean_auc"],
+                 "wang2017_resnet50": literature["wang2017_resnet50"].reindex(scored).mean(),
+                 "chexnet2017_densenet121": literature["chexnet2017_densenet121"].reindex(scored).mean()})
+    return pd.DataFrame(rows)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    def number(value):
+        return "   -  " if value is None or pd.isna(value) else f"{value:.3f}"
+
+    lines = [f"{'class':<20} {'test AUC':>8}  {'95% CI':<15} {'val AUC':>7}   {'Wang17*':>7} {'CheXNet*':>8}"]
+    for row in table.itertuples():
+        lines.append(f"{row[1]:<20} {number(row.test_auc):>8}  [{number(row.ci95_low)}, {number(row.ci95_high)}]"
+                     f"  {number(row.val_auc):>7}   {number(row.wang2017_resnet50):>7} {number(row.chexnet2017_densenet121):>8}")
+    lines.append(f"* {LITERATURE_NOTE}")
+    return "\n".join(lines)
