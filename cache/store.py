@@ -135,25 +135,24 @@ def read_table(path) -> dict:
 def read_features(path, rows_by_name: dict, *, block_rows: int = 8192) -> dict:
     """float32 features for several row sets in one sequential pass over the file.
 
-    `rows_by_name` maps a name (e.g. a split) to sorted row indices. Reading whole blocks and
-    selecting in memory is much faster than h5py's fancy indexing, and peak memory stays at
-    the float32 result plus one block."""
+    `rows_by_name` maps a name (e.g. a split) to row indices in any order; each result keeps
+    that order. Reading whole blocks and selecting in memory is much faster than h5py's fancy
+    indexing, and peak memory stays at the float32 result plus one block."""
+    order = {name: np.argsort(rows, kind="stable") for name, rows in rows_by_name.items()}
+    sorted_rows = {name: np.asarray(rows)[order[name]] for name, rows in rows_by_name.items()}
     with _open(path) as f:
         features = f["features"]
         n_rows, dim = features.shape
         out = {name: np.empty((len(rows), dim), np.float32) for name, rows in rows_by_name.items()}
         for start in range(0, n_rows, block_rows):
             stop = min(start + block_rows, n_rows)
-            wanted = {}
-            for name, rows in rows_by_name.items():
-                lo, hi = np.searchsorted(rows, [start, stop])
-                if hi > lo:
-                    wanted[name] = (lo, hi)
-            if not wanted:
+            spans = {name: np.searchsorted(rows, [start, stop]) for name, rows in sorted_rows.items()}
+            spans = {name: (lo, hi) for name, (lo, hi) in spans.items() if hi > lo}
+            if not spans:
                 continue
             block = features[start:stop]
-            for name, (lo, hi) in wanted.items():
-                out[name][lo:hi] = block[rows_by_name[name][lo:hi] - start]
+            for name, (lo, hi) in spans.items():
+                out[name][order[name][lo:hi]] = block[sorted_rows[name][lo:hi] - start]
     return out
 
 

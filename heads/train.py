@@ -112,18 +112,24 @@ def fit_head(*, train, val, settings: dict, device, on_epoch=None) -> FitResult:
 
 
 def _train_one_epoch(model, optimizer, train, w_pos, w_neg, *, batch_size, shuffle) -> float:
+    """One pass over the (already shuffled) train rows in contiguous slices: a random offset
+    and a random slice order each epoch vary the batches without gathering rows."""
     model.train()
-    # Index batches into tensors already in memory: no Dataset/DataLoader per-sample overhead.
-    order = torch.randperm(len(train), generator=shuffle).to(train.features.device)
+    n_rows = len(train)
+    offset = int(torch.randint(batch_size, (1,), generator=shuffle)) if n_rows > batch_size else 0
+    starts = [0] + list(range(offset, n_rows, batch_size))
+    stops = starts[1:] + [n_rows]
     total = torch.zeros((), device=train.features.device)
-    for start in range(0, len(train), batch_size):
-        batch = order[start:start + batch_size]
-        loss = weighted_bce(model(train.features[batch]), train.labels[batch], w_pos, w_neg)
+    for index in torch.randperm(len(starts), generator=shuffle).tolist():
+        start, stop = starts[index], stops[index]
+        if stop <= start:
+            continue
+        loss = weighted_bce(model(train.features[start:stop]), train.labels[start:stop], w_pos, w_neg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.detach() * len(batch)
-    return float(total) / len(train)  # one host sync per epoch, not per step
+        total += loss.detach() * (stop - start)
+    return float(total) / n_rows  # one host sync per epoch, not per step
 
 
 @torch.inference_mode()
@@ -143,7 +149,8 @@ def train_and_report(*, cache_path, settings: dict, out, device, overwrite=False
         fit = fit_head(train=data.train, val=data.val, settings=settings, device=device)
         val_scores = predict_proba(fit.model, data.val.features)
         test_scores = predict_proba(fit.model, data.test.features)  # the one use of test
-        config = run_config(cache_path=cache_path, data=data, settings=settings, device=device, fit=fit,
+        config = run_config(cache_path=cache_path, data=data, settings=settings, device=device,
+                            class_weights_used=fit.class_weights,
                             n_bootstrap=n_bootstrap, extra=extra_config)
         metrics = write_run(
             partial, classes=data.classes, config=config, val=data.val, val_scores=val_scores, test=data.test,
@@ -162,12 +169,12 @@ def train_and_report(*, cache_path, settings: dict, out, device, overwrite=False
     return run_dir, metrics
 
 
-def run_config(*, cache_path, data, settings, device, fit, n_bootstrap, extra=None) -> dict:
+def run_config(*, cache_path, data, settings, device, class_weights_used: dict, n_bootstrap, extra=None) -> dict:
     return {
         "model": "head", "settings": settings, "cache": str(Path(cache_path).resolve()),
         "cache_fingerprint": data.attrs["fingerprint"],
         "cache_attrs": {k: v for k, v in data.attrs.items() if k not in ("versions", "created")},
-        "device": str(device), "class_weights": {**fit.class_weights, "formula": WEIGHTING_FORMULA},
+        "device": str(device), "class_weights": {**class_weights_used, "formula": WEIGHTING_FORMULA},
         "standardization": "features minus train mean, divided by train std (stored in head.pt)",
         "selection": "epoch with the best validation mean AUC; test is scored once, after training",
         "bootstrap": {"resamples": n_bootstrap, "unit": "patient", "seed": settings["seed"]},
