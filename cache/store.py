@@ -256,8 +256,8 @@ def _contiguous_runs(sorted_rows: np.ndarray):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path):
-    """Hold the cache's writer lock. The kernel drops a flock when its process dies, even by
+def exclusive_lock(path, *, purpose: str = "extract"):
+    """Hold the writer lock of `path` (a cache, or a search folder). The kernel drops a flock when its process dies, even by
     SIGKILL, so a crashed extraction never leaves a stale lock behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,8 +270,8 @@ def exclusive_lock(path):
         holder = handle.read().strip() or "unknown"
         handle.close()
         raise CacheError(
-            f"another extract process ({holder}) is writing {path}; wait for it to finish, "
-            f"or give this one another --cache"
+            f"another {purpose} process ({holder}) is writing {path}; wait for it to finish, "
+            f"or give this one another {'--cache' if purpose == 'extract' else '--out'}"
         ) from None
     handle.seek(0)
     handle.truncate()

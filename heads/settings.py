@@ -39,16 +39,20 @@ BY_NAME = {setting.name: setting for setting in SETTINGS}
 DEFAULTS = {setting.name: setting.default for setting in SETTINGS}
 
 
-def add_setting_args(parser: argparse.ArgumentParser) -> None:
+def add_setting_args(parser: argparse.ArgumentParser, *, searched: bool = True) -> None:
+    """One option per setting; `searched=False` leaves out the ones a search chooses."""
     group = parser.add_argument_group("head settings (defaults and search ranges: heads/settings.py)")
     for setting in SETTINGS:
+        if not searched and setting.space is not None:
+            continue
         group.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default),
                            default=setting.default, choices=setting.choices,
                            help=f"{setting.help} (default: {setting.default})")
 
 
 def settings_from_args(args) -> dict:
-    return {name: getattr(args, name) for name in DEFAULTS}
+    """The settings given on the command line (those the parser has), over the defaults."""
+    return {name: getattr(args, name, default) for name, default in DEFAULTS.items()}
 
 
 def search_space() -> dict:
@@ -56,9 +60,10 @@ def search_space() -> dict:
     return {s.name: list(s.space) for s in SETTINGS if s.space is not None}
 
 
-def suggest(trial) -> dict:
-    """Ask an Optuna trial for a full settings dict: searched ones suggested, the rest default."""
-    chosen = dict(DEFAULTS)
+def suggest(trial, base: dict | None = None) -> dict:
+    """Ask an Optuna trial for a full settings dict: searched ones suggested, the rest from
+    `base` (default: DEFAULTS)."""
+    chosen = dict(base or DEFAULTS)
     for setting in SETTINGS:
         if setting.space is None or (setting.hidden_only and chosen["depth"] == 0):
             continue

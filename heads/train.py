@@ -36,10 +36,11 @@ def get_args_parser(add_help=True, description="Train a multi-label head on the 
     return parser
 
 
-def add_io_args(parser, *, out_help: str) -> None:
+def add_io_args(parser, *, out_help: str, overwrite: bool = True) -> None:
     parser.add_argument("--cache", default=cache.DEFAULT_CACHE, help="the HDF5 feature cache")
     parser.add_argument("--out", default=None, help=out_help)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    if overwrite:
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the test CIs")
 

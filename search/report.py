@@ -1,0 +1,55 @@
+"""What a search leaves beside its study: trials.csv, best_params.json, config.json and plots.
+
+    best_run/                 the best trial retrained, a full heads.train run directory
+    trials.csv                every trial: number, state, value, params, duration, fail reason
+    best_params.json          the best trial's settings and its validation AUC, in the study
+                              and on retraining (equal on CPU, where training is deterministic)
+    config.json               the search's own settings (storage URL with its password masked)
+    optimization_history.png  validation mean AUC per trial and the best so far
+    param_importances.png     which settings mattered (fANOVA), once enough trials completed
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import optuna
+
+
+def write_search_outputs(out, *, study, best, settings, metrics, config) -> None:
+    trials = study.trials_dataframe(attrs=("number", "state", "value", "params", "duration", "user_attrs"))
+    trials.to_csv(out / "trials.csv", index=False)
+    retrained = metrics["val"]["mean_auc"]
+    (out / "best_params.json").write_text(json.dumps({
+        "trial": best.number, "params": best.params, "settings": settings,
+        "study_val_mean_auc": best.value, "retrained_val_mean_auc": retrained,
+        "retrained_test_mean_auc": metrics["test"]["mean_auc"],
+    }, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    if abs(retrained - best.value) > 1e-6:
+        print(f"note: retraining trial #{best.number} gave validation mean AUC {retrained:.6f}, the study "
+              f"holds {best.value:.6f} (expected on GPUs, whose kernels are not deterministic)")
+    plot_search(out, study)
+
+
+def plot_search(out, study) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        axes = optuna.visualization.matplotlib.plot_optimization_history(study, target_name="validation mean AUC")
+        axes.figure.set_size_inches(9, 5)
+        axes.figure.savefig(out / "optimization_history.png", dpi=90, bbox_inches="tight")
+        plt.close(axes.figure)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(complete) < 2:
+            return
+        try:
+            axes = optuna.visualization.matplotlib.plot_param_importances(study)
+        except (ValueError, RuntimeError):  # e.g. every completed trial had the same settings
+            return
+        axes.figure.set_size_inches(9, 5)
+        axes.figure.savefig(out / "param_importances.png", dpi=90, bbox_inches="tight")
+        plt.close(axes.figure)

@@ -1,0 +1,53 @@
+"""Where a study lives: an embedded SQLite file by default, a PostgreSQL/MySQL URL for workers
+on several machines, or an Optuna journal file (`journal:PATH`) for processes on one machine."""
+from __future__ import annotations
+
+import re
+
+import optuna
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+# Workers on a shared database beat every HEARTBEAT_S; a RUNNING trial silent for GRACE_S
+# belonged to a worker that died, and is marked FAIL so that the study can still reach N.
+HEARTBEAT_S, GRACE_S = 10, 60
+
+
+class SearchError(Exception):
+    """A study that cannot be opened, resumed or trusted."""
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ***: what every message and file shows."""
+    return re.sub(r"(://[^:/@]+:)([^@]*)(@)", r"\1***\3", url)
+
+
+def mask_text(text: str, url: str) -> str:
+    """`text` with the URL's password removed wherever it occurs (drivers quote it in errors)."""
+    match = re.search(r"://[^:/@]+:([^@]*)@", url)
+    text = text.replace(url, mask_url(url))
+    return text.replace(match.group(1), "***") if match and match.group(1) else text
+
+
+def is_shared(url: str) -> bool:
+    return not url.startswith("sqlite")
+
+
+def open_storage(url: str):
+    """An Optuna storage for `url`, with a clear SearchError (password masked) if unusable."""
+    if url.startswith("journal:"):
+        try:
+            return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        except OSError as err:
+            raise SearchError(f"cannot open journal file {url}: {err}") from err
+    engine_kwargs = {}
+    if url.startswith("postgresql"):
+        engine_kwargs = {"connect_args": {"connect_timeout": 10}}
+    heartbeat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if is_shared(url) else {}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+    except Exception as err:  # sqlalchemy raises many types (bad URL, no driver, no server)
+        raise SearchError(
+            f"cannot open study storage {mask_url(url)}: {mask_text(str(err).splitlines()[0], url)}. "
+            f"Check that the server is running and reachable, the database exists and the "
+            f"credentials are right (PostgreSQL needs `pip install psycopg2-binary`)"
+        ) from None
