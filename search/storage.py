@@ -12,20 +12,24 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 HEARTBEAT_S, GRACE_S = 10, 60
 
 
+# user:password@ up to the last "@", since a password may itself contain "@"
+_CREDENTIALS = r"(://[^:/@]+:)(.*)(@[^@]*$)"
+
+
 class SearchError(Exception):
     """A study that cannot be opened, resumed or trusted."""
 
 
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ***: what every message and file shows."""
-    return re.sub(r"(://[^:/@]+:)([^@]*)(@)", r"\1***\3", url)
+    return re.sub(_CREDENTIALS, r"\1***\3", url)
 
 
 def mask_text(text: str, url: str) -> str:
     """`text` with the URL's password removed wherever it occurs (drivers quote it in errors)."""
-    match = re.search(r"://[^:/@]+:([^@]*)@", url)
+    match = re.search(_CREDENTIALS, url)
     text = text.replace(url, mask_url(url))
-    return text.replace(match.group(1), "***") if match and match.group(1) else text
+    return text.replace(match.group(2), "***") if match and match.group(2) else text
 
 
 def is_shared(url: str) -> bool:
