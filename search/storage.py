@@ -3,6 +3,7 @@ on several machines, or an Optuna journal file (`journal:PATH`) for processes on
 from __future__ import annotations
 
 import re
+import warnings
 
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -48,10 +49,12 @@ def open_storage(url: str):
         engine_kwargs = {"connect_args": {"connect_timeout": 10}}
     heartbeat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if is_shared(url) else {}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except Exception as err:  # sqlalchemy raises many types (bad URL, no driver, no server)
         raise SearchError(
             f"cannot open study storage {mask_url(url)}: {mask_text(str(err).splitlines()[0], url)}. "
             f"Check that the server is running and reachable, the database exists and the "
-            f"credentials are right (PostgreSQL needs `pip install psycopg2-binary`)"
+            f"credentials are right (PostgreSQL needs `pip install 'psycopg[binary]'`)"
         ) from None
