@@ -85,7 +85,7 @@ def _extract(args) -> int:
         rows = rows_to_do(args.cache, args.split)[ranks.rank::ranks.world]
         stats = embed_rows(args, rows=rows, device=device, precision=precision,
                            fingerprint=cache.read_attrs(args.cache)["fingerprint"], ranks=ranks)
-        ranks.barrier()
+        stats = ranks.combine(stats)
         if ranks.rank != 0:
             return 0
         cache.merge_parts(args.cache)
@@ -316,9 +316,15 @@ class Ranks:
             torch_dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
         return ranks
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch_dist.barrier()
+    def combine(self, stats: dict) -> dict:
+        """Every rank's counts summed (also a barrier: all parts are written after it)."""
+        if self.world == 1:
+            return stats
+        everyone = [None] * self.world
+        torch_dist.all_gather_object(everyone, stats)
+        torch_dist.destroy_process_group()
+        return {**stats, "done": sum(s["done"] for s in everyone), "seconds": max(s["seconds"] for s in everyone),
+                "failed": [f for s in everyone for f in s["failed"]], "device": f"{self.world} ranks, {stats['device']}"}
 
     def run_on_rank0_first(self, step) -> None:
         """Run `step` on rank 0 while the others wait; an error there stops every rank."""

@@ -151,3 +151,21 @@ def test_images_of_every_mode_and_size_embed(tmp_path):
     # RGBA, RGB and 16-bit copies of one image decode to the same gray, so the same embedding.
     for copy in (1, 2, 3):
         np.testing.assert_allclose(features[copy], features[0], rtol=1e-2, atol=1e-2)
+
+
+def test_torchrun_two_ranks_make_the_same_cache(extracted_cache, synthetic_dir, tmp_path):
+    """Two CPU ranks (gloo) shard the rows; rank 0 merges one cache equal to a single process's."""
+    path = tmp_path / "c.h5"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run([*torchrun, "-m", "extract", "--data-dir", str(synthetic_dir), "--cache", str(path),
+                             *TINY], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "extracted 180 images" in result.stdout and "2 ranks" in result.stdout
+    sharded_table, sharded = _features(path)
+    table, single = _features(extracted_cache)
+    for name in ("image_id", "patient_id", "split", "done"):
+        assert (sharded_table[name] == table[name]).all(), name
+    assert (sharded_table["labels"] == table["labels"]).all()
+    np.testing.assert_allclose(sharded, single, rtol=2e-3, atol=2e-3)
+    assert cache.read_attrs(path)["fingerprint"] == cache.read_attrs(extracted_cache)["fingerprint"]
