@@ -44,7 +44,7 @@ def get_args_parser(add_help=True):
                         help="autocast precision; auto: bf16 on CUDA, fp32 on CPU (fastest measured there)")
     parser.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"],
                         help="how features are stored (float16 halves the file, ~1e-3 relative error)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 64 on CPU")
     parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="fraction of train_val_list.txt patients held out for validation")
@@ -220,7 +220,7 @@ def embed_rows(args, *, rows, device, precision, fingerprint, ranks) -> dict:
     workers = args.workers if args.workers is not None else min(os.cpu_count() or 1, 16)
     loader = torch.utils.data.DataLoader(
         ImageRows(rows, paths, resize_to=None if cuda else args.image_size),
-        batch_size=args.batch_size or (256 if cuda else 32), num_workers=workers,
+        batch_size=args.batch_size or (256 if cuda else 64), num_workers=workers,
         collate_fn=collate_by_shape, pin_memory=cuda, persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )

@@ -1,0 +1,21 @@
+"""One table format for every benchmark, so `make bench` prints one table."""
+import os
+import platform
+
+import torch
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"machine: {machine()}")
+    widths = {key: max(len(key), *(len(str(row[key])) for row in rows)) for key in ("stage", "measure", "value")}
+    header = f"{'stage':<{widths['stage']}}  {'measure':<{widths['measure']}}  {'value':>{widths['value']}}  note"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['stage']:<{widths['stage']}}  {row['measure']:<{widths['measure']}}  "
+              f"{row['value']:>{widths['value']}}  {row['note']}")
