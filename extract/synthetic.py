@@ -10,6 +10,7 @@ on features of even a randomly initialised ResNet50 scores well above chance.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -47,8 +48,10 @@ def main(args) -> int:
 
 
 def write_dataset(out, *, patients: int, images_per_patient: int, size: int, test_fraction: float = 0.25,
-                  seed: int = 0, csv_format: str = "v2020", folders: int = 2) -> dict:
-    """Write the dataset; returns {'images': count, 'labels': (N, 14) array, 'image_ids': list}."""
+                  seed: int = 0, csv_format: str = "v2020", folders: int = 2, distinct: int | None = None) -> dict:
+    """Write the dataset; returns {'images': count, 'labels': (N, 14) array, 'image_ids': list}.
+    `distinct`: draw only that many images and copy them for the rest (same decode cost, for
+    speed benchmarks that need thousands of 1024x1024 files quickly; labels then mean nothing)."""
     out = Path(out)
     rng = np.random.default_rng(seed)
     image_ids, patient_ids, labels = [], [], []
@@ -58,10 +61,15 @@ def write_dataset(out, *, patients: int, images_per_patient: int, size: int, tes
             patient_ids.append(patient)
             labels.append((rng.random(len(CLASSES)) < PREVALENCE).astype(np.uint8))
     labels = np.array(labels)
+    written = []
     for index, (image_id, label) in enumerate(zip(image_ids, labels)):
         folder = out / (f"images_{index % folders + 1:03d}/images" if folders else "images")
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(synthetic_image(label, size=size, rng=rng)).save(folder / image_id)
+        if distinct and index >= distinct:
+            shutil.copyfile(written[index % distinct], folder / image_id)
+        else:
+            Image.fromarray(synthetic_image(label, size=size, rng=rng)).save(folder / image_id)
+        written.append(folder / image_id)
     _write_csv(out, image_ids, patient_ids, labels, csv_format=csv_format, rng=rng)
     test_patients = set(rng.permutation(patients)[: int(round(test_fraction * patients))] + 1)
     is_test = [p in test_patients for p in patient_ids]

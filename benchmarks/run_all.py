@@ -1,0 +1,29 @@
+"""`make bench`: the CPU benchmarks of all three stages, each against its baseline, as one table.
+
+    python -m benchmarks.run_all [--quick]
+"""
+import argparse
+import sys
+
+from benchmarks import bench_extract, bench_heads, bench_search
+from benchmarks.table import print_table
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser("python -m benchmarks.run_all", add_help=add_help)
+    parser.add_argument("--quick", action="store_true", help="small sizes: checks the benchmarks run, not speed")
+    return parser
+
+
+def main(args) -> int:
+    quick = args.quick
+    rows = bench_extract.run(bench_extract.get_args_parser().parse_args(["--images", "8" if quick else "128"]))
+    rows += bench_heads.run(bench_heads.get_args_parser().parse_args(["--scale", "0.02" if quick else "1"]))
+    rows += bench_search.run(bench_search.get_args_parser().parse_args(
+        ["--trials", "6", "--max-epochs", "4"] if quick else []))
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
