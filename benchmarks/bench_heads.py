@@ -11,7 +11,6 @@ import argparse
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 

@@ -45,9 +45,17 @@ def add_setting_args(parser: argparse.ArgumentParser, *, searched: bool = True) 
     for setting in SETTINGS:
         if not searched and setting.space is not None:
             continue
+        searched_in = f"; search: {describe_space(setting.space)}" if setting.space else ""
         group.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default),
                            default=setting.default, choices=setting.choices,
-                           help=f"{setting.help} (default: {setting.default})")
+                           help=f"{setting.help} (default: {setting.default}{searched_in})")
+
+
+def describe_space(space: tuple) -> str:
+    kind, *bounds = space
+    if kind == "choice":
+        return " | ".join(map(str, bounds[0]))
+    return f"{'log-uniform' if kind == 'log' else kind} {bounds[0]:g} to {bounds[1]:g}"
 
 
 def settings_from_args(args) -> dict:

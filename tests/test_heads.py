@@ -11,7 +11,7 @@ import cache
 from cache.synthetic import known_auc, write_synthetic_cache
 from conftest import call_main
 from heads import settings as head_settings
-from heads.data import HeadsError, load_head_data
+from heads.data import load_head_data
 from heads.evaluate import bootstrap_auc, fast_auc_per_class, weighted_auc
 from heads.model import class_weights, weighted_bce
 from heads.train import fit_head, load_head, predict_proba, train_and_report
