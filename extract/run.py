@@ -69,6 +69,9 @@ def main(args) -> int:
     except (nih.DatasetError, backbone.WeightsError, cache.CacheError, SettingsMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: every finished batch is saved; rerun the same command to continue", file=sys.stderr)
+        return 130
 
 
 def _extract(args) -> int:
@@ -79,9 +82,12 @@ def _extract(args) -> int:
                                          seed=args.split_seed, random_split=args.random_split,
                                          labels_csv=args.labels_csv)
     settings = cache_settings(args, provenance=provenance, precision=precision)
-    lock = cache.exclusive_lock(args.cache) if ranks.rank == 0 else contextlib.nullcontext()
-    with lock:
-        ranks.run_on_rank0_first(lambda: prepare_cache(args.cache, table=table, settings=settings))
+    with contextlib.ExitStack() as held:
+        def lock_and_prepare():  # rank 0 only; a failure here stops every rank
+            held.enter_context(cache.exclusive_lock(args.cache))
+            prepare_cache(args.cache, table=table, settings=settings)
+
+        ranks.run_on_rank0_first(lock_and_prepare)
         rows = rows_to_do(args.cache, args.split)[ranks.rank::ranks.world]
         stats = embed_rows(args, rows=rows, device=device, precision=precision,
                            fingerprint=cache.read_attrs(args.cache)["fingerprint"], ranks=ranks)

@@ -192,3 +192,9 @@ def test_two_workers_on_postgresql_finish_exactly_n(small_cache, tmp_path):
         config = (tmp_path / f"w{index}" / "config.json").read_text()
         assert ":***@" in config
         assert password and password not in stdout + stderr + config
+
+
+def test_threads_in_one_process_finish_exactly_n(small_cache, tmp_path):
+    out = tmp_path / "s"
+    call_main("search", "--cache", small_cache, "--out", out, "--trials", "7", "--n-jobs", "2", *QUICK, check_rc=0)
+    _check_exact(_study(out), 7)
