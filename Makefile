@@ -18,7 +18,7 @@ test: $(VENV)/installed
 # file, SQLite study). ImageNet weights when torchvision can fetch them, else random ones.
 demo: $(VENV)/installed
 	@mkdir -p $(DEMO)
-	@[ -f $(DEMO)/data/train_val_list.txt ] || $(PY) -m extract.synthetic --out $(DEMO)/data --patients 150 --size 512
+	@[ -f $(DEMO)/data/train_val_list.txt ] || $(PY) -m extract.synthetic --out $(DEMO)/data --patients 250 --size 512
 	@[ -f $(DEMO)/weights ] || { if $(PY) -W ignore -c "import torch; from extract.backbone import build_backbone; build_backbone('imagenet', device=torch.device('cpu'))" >/dev/null 2>&1; \
 	  then echo imagenet > $(DEMO)/weights; \
 	  else echo none > $(DEMO)/weights; fi; }
