@@ -23,6 +23,7 @@ import cache
 from heads import settings as head_settings
 from heads.data import HeadsError, load_head_data
 from heads.train import add_io_args, fit_head, resolve_device, train_and_report
+from heads.train import print_summary as print_run_summary
 from search.report import write_search_outputs
 from search.storage import SearchError, is_shared, mask_text, mask_url, open_storage
 
@@ -221,8 +222,6 @@ def _best_text(study) -> str:
 
 
 def print_summary(study, *, out, url, ran, seconds, best, metrics, run_dir, data) -> None:
-    from heads.train import print_summary as print_run_summary
-
     states = {state.name.lower(): count(study, (state,)) for state in (TrialState.COMPLETE, TrialState.PRUNED,
                                                                        TrialState.FAIL)}
     print(f"\nstudy {study.study_name!r}: {states['complete']} complete, {states['pruned']} pruned, "
