@@ -24,6 +24,7 @@ import torchvision
 from PIL import Image
 from torchvision import transforms
 
+from benchmarks.table import print_table
 from extract import backbone, images
 from extract.nih import index_images
 from extract.run import collate_by_shape
@@ -153,7 +154,6 @@ def run(args) -> list[dict]:
 
 
 def main(args) -> int:
-    from benchmarks.table import print_table
     print_table(run(args))
     return 0
 

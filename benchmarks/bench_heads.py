@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-
+from benchmarks.table import print_table
 from cache.synthetic import NIH_SCALE, known_auc, write_synthetic_cache
 from heads.baseline import fit_logistic
 from heads.data import load_head_data
@@ -66,7 +66,6 @@ def run(args) -> list[dict]:
 
 
 def main(args) -> int:
-    from benchmarks.table import print_table
     print_table(run(args))
     return 0
 

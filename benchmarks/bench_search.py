@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 
+from benchmarks.table import print_table
 from cache.synthetic import NIH_SCALE, write_synthetic_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,6 @@ def run(args) -> list[dict]:
 
 
 def main(args) -> int:
-    from benchmarks.table import print_table
     print_table(run(args))
     return 0
 
