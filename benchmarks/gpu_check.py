@@ -36,7 +36,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--precision", default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--weights", default="none", help="pretrained weights are optional: none, imagenet or a PATH")
-    parser.add_argument("--images", type=int, default=4096, help="1024x1024 PNGs for the throughput check")
+    parser.add_argument("--images", type=int, default=8192,
+                        help="1024x1024 PNGs for the throughput check (64 distinct, hard-linked)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to test the script itself")
     return parser
 
