@@ -88,8 +88,9 @@ def _extract(args) -> int:
             prepare_cache(args.cache, table=table, settings=settings)
 
         ranks.run_on_rank0_first(lock_and_prepare)
-        rows = rows_to_do(args.cache, args.split)[ranks.rank::ranks.world]
-        stats = embed_rows(args, rows=rows, device=device, precision=precision,
+        stored = cache.read_table(args.cache)
+        rows = rows_to_do(stored, args.split)[ranks.rank::ranks.world]
+        stats = embed_rows(args, rows=rows, image_ids=stored["image_id"], device=device, precision=precision,
                            fingerprint=cache.read_attrs(args.cache)["fingerprint"], ranks=ranks)
         stats = ranks.combine(stats)
         if ranks.rank != 0:
@@ -153,8 +154,8 @@ def _comparable(value):
     return [_comparable(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def rows_to_do(path, split: str) -> np.ndarray:
-    table = cache.read_table(path)
+def rows_to_do(table: dict, split: str) -> np.ndarray:
+    """Cache rows of `split` (or all) not done yet."""
     wanted = np.ones(len(table["done"]), bool) if split == "all" else table["split"] == split
     return np.flatnonzero(wanted & ~table["done"])
 
@@ -215,13 +216,12 @@ def embed_batch(model, batch, *, image_size, mean, std, device, precision) -> to
         return model(inputs).float().cpu()
 
 
-def embed_rows(args, *, rows, device, precision, fingerprint, ranks) -> dict:
+def embed_rows(args, *, rows, image_ids, device, precision, fingerprint, ranks) -> dict:
     """Embed `rows` of the cache, writing part files as it goes; returns counts and timing."""
-    table = cache.read_table(args.cache)
     found = nih.index_images(args.data_dir)
     if len(rows) and not found:
         raise nih.DatasetError(f"no PNG images under {args.data_dir}: expected images/ or images_001/images/ ...")
-    paths = [found.get(table["image_id"][row]) for row in rows]
+    paths = [found.get(image_ids[row]) for row in rows]
     cuda = device.type == "cuda"
     workers = args.workers if args.workers is not None else min(os.cpu_count() or 1, 16)
     loader = torch.utils.data.DataLoader(
