@@ -19,7 +19,8 @@ from heads.baseline import fit_logistic
 from heads.data import load_head_data
 from heads.evaluate import auc_per_class, mean_auc
 from heads.settings import DEFAULTS
-from heads.train import fit_head, resolve_device
+from cache.runtime import resolve_device
+from heads.fit import fit_head
 
 
 def get_args_parser(add_help=True):

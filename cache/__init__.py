@@ -22,6 +22,8 @@ to small part files in `<cache>.parts/`; merging copies the file, writes the par
 copy and atomically renames it over the original. A SIGKILL at any moment leaves either the
 old or the new file, plus parts that a rerun merges.
 """
+from cache.check import check_readable
+from cache.schema import CLASSES, SPLITS, TEST, TRAIN, VAL
 from cache.store import (
     FINGERPRINT_KEYS,
     SCHEMA_VERSION,
@@ -40,11 +42,17 @@ from cache.store import (
 DEFAULT_CACHE = "outputs/cache/features.h5"
 
 __all__ = [
+    "CLASSES",
+    "SPLITS",
+    "TEST",
+    "TRAIN",
+    "VAL",
     "DEFAULT_CACHE",
     "FINGERPRINT_KEYS",
     "SCHEMA_VERSION",
     "CacheError",
     "PartWriter",
+    "check_readable",
     "compute_fingerprint",
     "create_cache",
     "exclusive_lock",

@@ -6,6 +6,7 @@ import json
 import h5py
 import numpy as np
 
+from cache.schema import SPLITS, TEST, TRAIN, VAL
 from cache.store import (
     FINGERPRINT_KEYS, ROW_DATASETS, CacheError, compute_fingerprint, pending_part_rows,
     read_attrs, read_table,
@@ -36,7 +37,7 @@ def describe(path) -> str:
 
 def _split_counts(table) -> str:
     lines = [f"{'split':<6} {'rows':>7} {'done':>7} {'failed':>7} {'patients':>9}"]
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         in_split = table["split"] == split
         failed = in_split & (table["error"] != "")
         lines.append(
@@ -49,15 +50,25 @@ def _split_counts(table) -> str:
 def _class_counts(table, classes) -> str:
     lines = [f"{'positives':<19} {'train':>7} {'val':>7} {'test':>7}"]
     for index, name in enumerate(classes):
-        counts = [int(table["labels"][table["split"] == s, index].sum()) for s in ("train", "val", "test")]
+        counts = [int(table["labels"][table["split"] == s, index].sum()) for s in SPLITS]
         lines.append(f"{name:<19} " + " ".join(f"{c:>7}" for c in counts))
     normal = (table["labels"].sum(axis=1) == 0)
     lines.append(f"{'(no finding)':<19} " + " ".join(
-        f"{int((normal & (table['split'] == s)).sum()):>7}" for s in ("train", "val", "test")))
+        f"{int((normal & (table['split'] == s)).sum()):>7}" for s in SPLITS))
     return "\n".join(lines)
 
 
-def find_problems(path, *, block_rows: int = 8192) -> list[str]:
+def check_readable(path) -> None:
+    """The cheap structural checks of `verify`, run by every reader before it trusts a cache
+    (patient-disjoint splits, split names, fingerprint, shapes). Raises CacheError naming the
+    first problem. The finite-features scan is left to the reader, on the rows it uses."""
+    problems = find_problems(path, scan_features=False)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CacheError(f"{path}: {problems[0]}{more}; run `python -m cache verify {path}` for the full report")
+
+
+def find_problems(path, *, block_rows: int = 8192, scan_features: bool = True) -> list[str]:
     """Every integrity problem found; an empty list means the cache is sound."""
     try:
         attrs = read_attrs(path)
@@ -79,18 +90,19 @@ def find_problems(path, *, block_rows: int = 8192) -> list[str]:
             problems.append(f"{name} has {len(table[name])} rows, image_id has {n_rows}")
     if len(set(table["image_id"])) != n_rows:
         problems.append("image_id values are not unique")
-    bad_splits = set(table["split"]) - {"train", "val", "test"}
+    bad_splits = set(table["split"]) - set(SPLITS)
     if bad_splits:
         problems.append(f"unknown split names {sorted(bad_splits)}")
     problems += _patient_overlaps(table)
-    problems += _feature_problems(path, table["done"], dim, block_rows)
+    if scan_features:
+        problems += _feature_problems(path, table["done"], dim, block_rows)
     return problems
 
 
 def _patient_overlaps(table) -> list[str]:
     problems = []
-    patients = {s: set(table["patient_id"][table["split"] == s]) for s in ("train", "val", "test")}
-    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+    patients = {s: set(table["patient_id"][table["split"] == s]) for s in SPLITS}
+    for a, b in ((TRAIN, VAL), (TRAIN, TEST), (VAL, TEST)):
         shared = patients[a] & patients[b]
         if shared:
             problems.append(f"{len(shared)} patients are in both {a} and {b} (e.g. {[int(p) for p in sorted(shared)[:3]]})")

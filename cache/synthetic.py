@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from extract.nih import CLASSES as CLASS_NAMES  # numpy/pandas only: no torch import
+from cache.schema import CLASSES as CLASS_NAMES
 from cache.store import PartWriter, create_cache, exclusive_lock, merge_parts, read_attrs
 
 NIH_SCALE = {"train": 78_146, "val": 8_378, "test": 25_596}  # the official split, val fraction 0.1

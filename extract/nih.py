@@ -14,11 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-CLASSES = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
-    "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening",
-    "Pneumonia", "Pneumothorax",
-)
+from cache.schema import CLASSES, TEST, TRAIN, VAL
 NO_FINDING = "No Finding"
 # The v2020 file first: it fixes 181 labels of the 2017 one that many mirrors still serve.
 LABEL_CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv",
@@ -126,12 +122,12 @@ def official_splits(table: pd.DataFrame, *, data_dir, val_fraction: float, seed:
         raise DatasetError(f"{len(unknown)} ids in the split lists are not in the label CSV, "
                            f"e.g. {sorted(unknown)[0]}: do the lists and the CSV come from the same download?")
     split = np.full(len(table), "", dtype=object)
-    split[table["image_id"].isin(test).to_numpy()] = "test"
+    split[table["image_id"].isin(test).to_numpy()] = TEST
     in_train_val = table["image_id"].isin(train_val).to_numpy()
     val_patients = _choose_patients(table["patient_id"][in_train_val], val_fraction, seed)
     is_val = table["patient_id"].isin(val_patients).to_numpy()
-    split[in_train_val & is_val] = "val"
-    split[in_train_val & ~is_val] = "train"
+    split[in_train_val & is_val] = VAL
+    split[in_train_val & ~is_val] = TRAIN
     return split
 
 
@@ -144,9 +140,9 @@ def random_splits(table: pd.DataFrame, *, val_fraction: float, test_fraction: fl
     test_patients = _choose_patients(patients, test_fraction, seed)
     rest = ~patients.isin(test_patients)
     val_patients = _choose_patients(patients[rest], val_fraction / (1 - test_fraction), seed + 1)
-    split = np.full(len(table), "train", dtype=object)
-    split[patients.isin(val_patients).to_numpy()] = "val"
-    split[patients.isin(test_patients).to_numpy()] = "test"
+    split = np.full(len(table), TRAIN, dtype=object)
+    split[patients.isin(val_patients).to_numpy()] = VAL
+    split[patients.isin(test_patients).to_numpy()] = TEST
     return split
 
 

@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import datetime
 import os
-import platform
 import sys
 import time
 import warnings
@@ -24,6 +23,8 @@ import torchvision
 from tqdm import tqdm
 
 import cache
+from cache.runtime import DeviceUnavailable, resolve_device, versions
+from cache.schema import SPLITS
 from extract import backbone, images, nih
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,7 +34,7 @@ def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser("python -m extract", add_help=add_help,
                                      description="Embed NIH ChestX-ray14 images into the feature cache.")
     parser.add_argument("--data-dir", required=True, help="the NIH download: label CSV, split lists, PNGs")
-    parser.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
+    parser.add_argument("--split", default="all", choices=["all", *SPLITS],
                         help="which rows to fill (default: all)")
     parser.add_argument("--cache", default=cache.DEFAULT_CACHE, help="the HDF5 cache to create or resume")
     parser.add_argument("--weights", default="imagenet",
@@ -66,7 +67,7 @@ class SettingsMismatch(Exception):
 def main(args) -> int:
     try:
         return _extract(args)
-    except (nih.DatasetError, backbone.WeightsError, cache.CacheError, SettingsMismatch) as err:
+    except (nih.DatasetError, backbone.WeightsError, cache.CacheError, SettingsMismatch, DeviceUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -76,7 +77,7 @@ def main(args) -> int:
 
 def _extract(args) -> int:
     ranks = Ranks.from_env()
-    device = resolve_device(args.device, ranks.local_rank)
+    device = resolve_device(args.device, local_rank=ranks.local_rank)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     table, provenance = nih.load_dataset(args.data_dir, val_fraction=args.val_fraction,
                                          seed=args.split_seed, random_split=args.random_split,
@@ -99,14 +100,6 @@ def _extract(args) -> int:
     return print_summary(args, stats)
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise SettingsMismatch("--device cuda, but torch sees no CUDA GPU; use --device cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def cache_settings(args, *, provenance: dict, precision: str) -> dict:
@@ -121,9 +114,7 @@ def cache_settings(args, *, provenance: dict, precision: str) -> dict:
         "feature_dtype": args.feature_dtype,
         "feature_dim": backbone.FEATURE_DIM,
         "schema_version": cache.SCHEMA_VERSION,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "h5py": h5py.__version__,
-                     "numpy": np.__version__},
+        "versions": versions(torchvision=torchvision.__version__, h5py=h5py.__version__),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -294,7 +285,7 @@ def print_summary(args, stats) -> int:
     rate = stats["done"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
     print(f"\nextracted {stats['done']} images in {stats['seconds']:.1f}s ({rate:.1f} img/s on "
           f"{stats['device']}, {stats['precision']}); {len(stats['failed'])} failed")
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         in_split = table["split"] == split
         print(f"  {split:<5} {int((in_split & table['done']).sum()):>7} / {int(in_split.sum()):>7} rows done")
     print(f"cache: {os.path.abspath(args.cache)}")

@@ -17,7 +17,8 @@ from sklearn.multiclass import OneVsRestClassifier
 import cache
 from heads.data import HeadsError, load_head_data
 from heads.report import finish_out_dir, format_table, per_class_table, prepare_out_dir, write_run
-from heads.train import add_io_args, run_config
+from heads.cli import add_io_args
+from heads.run import run_config
 
 
 def get_args_parser(add_help=True):

@@ -7,8 +7,7 @@ import numpy as np
 import torch
 
 import cache
-
-SPLITS = ("train", "val", "test")
+from cache.schema import SPLITS
 
 
 class HeadsError(Exception):

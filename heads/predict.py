@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from heads.train import load_head, resolve_device
+from cache.runtime import DeviceUnavailable, resolve_device
+from heads.fit import load_head
 
 
 class PredictError(Exception):
@@ -39,7 +40,7 @@ def main(args) -> int:
     try:
         failed = predict(run_dir=Path(args.run), inputs=args.images, out=args.out, weights_path=args.weights,
                          device=resolve_device(args.device), batch_size=args.batch_size)
-    except PredictError as err:
+    except (PredictError, DeviceUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for image, reason in failed:

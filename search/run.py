@@ -1,6 +1,6 @@
 """`python -m search --trials N`: an Optuna study of head settings against validation mean AUC.
 
-Each trial is `heads.train.fit_head` with settings from `heads.settings.suggest`: the same
+Each trial is `heads.fit.fit_head` with settings from `heads.settings.suggest`: the same
 code, defaults and ranges as `python -m heads.train`. The study runs until it holds N finished
 (complete or pruned) trials, however many workers share it and however often it is resumed.
 The best trial is then retrained and scored once on test, as a full run directory.
@@ -22,8 +22,11 @@ from tqdm import tqdm
 import cache
 from heads import settings as head_settings
 from heads.data import HeadsError, load_head_data
-from heads.train import add_io_args, fit_head, resolve_device, train_and_report
-from heads.train import print_summary as print_run_summary
+from cache.runtime import DeviceUnavailable, resolve_device
+from heads.cli import add_io_args
+from heads.fit import fit_head
+from heads.run import print_summary as print_run_summary
+from heads.run import train_and_report
 from search.report import write_search_outputs
 from search.storage import SearchError, is_shared, mask_text, mask_url, open_storage
 
@@ -53,7 +56,7 @@ def get_args_parser(add_help=True):
 def main(args) -> int:
     try:
         return run_search(args)
-    except (cache.CacheError, HeadsError, SearchError) as err:
+    except (cache.CacheError, HeadsError, SearchError, DeviceUnavailable) as err:
         print(f"error: {mask_text(str(err), args.storage or '')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

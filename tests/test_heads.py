@@ -14,7 +14,8 @@ from heads import settings as head_settings
 from heads.data import load_head_data
 from heads.evaluate import bootstrap_auc, fast_auc_per_class, weighted_auc
 from heads.model import class_weights, weighted_bce
-from heads.train import fit_head, load_head, predict_proba, train_and_report
+from heads.fit import fit_head, load_head, predict_proba
+from heads.run import train_and_report
 
 FAST = {**head_settings.DEFAULTS, "max_epochs": 40, "patience": 5, "lr": 1e-2}
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-import heads.train
+import heads.run
 import search.run
 from cache.synthetic import write_synthetic_cache
 from conftest import REPO, call_main
@@ -37,12 +37,12 @@ def _finished(study):
 
 def test_small_study_end_to_end(small_cache, tmp_path, monkeypatch):
     test_calls = []
-    real_predict = heads.train.predict_proba
+    real_predict = heads.run.predict_proba
 
     def recording_predict(model, features):
         test_calls.append(features.shape[0])
         return real_predict(model, features)
-    monkeypatch.setattr(heads.train, "predict_proba", recording_predict)
+    monkeypatch.setattr(heads.run, "predict_proba", recording_predict)
     out = tmp_path / "s"
     result = call_main("search", "--cache", small_cache, "--out", out, "--trials", "14", *QUICK, check_rc=0)
     study = _study(out)

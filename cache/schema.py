@@ -1,0 +1,10 @@
+"""The names the cache contract is written in: the 14 classes (label column order) and the
+three split names. Every stage imports them from here; nothing else spells them out."""
+
+CLASSES = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
+    "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening",
+    "Pneumonia", "Pneumothorax",
+)
+TRAIN, VAL, TEST = "train", "val", "test"
+SPLITS = (TRAIN, VAL, TEST)
