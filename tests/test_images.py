@@ -1,3 +1,6 @@
+import tracemalloc
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -72,3 +75,57 @@ def test_normalize_replicates_gray_and_applies_mean_std():
     assert out.shape == (2, 3, 4, 4)
     expected = [(0.5 - m) / s for m, s in zip(images.IMAGENET_MEAN, images.IMAGENET_STD)]
     assert torch.allclose(out[0, :, 0, 0], torch.tensor(expected))
+
+
+def _zero_png16(path, width, height):
+    """A valid all-zero 16-bit gray PNG of any size in a few KB, written without ever holding
+    the image: one deflate segment of zero rows, closed by a full flush so it can be repeated,
+    and the Adler-32 of all-zero data (A = 1, B = length mod 65521)."""
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    row = bytes(1 + 2 * width)  # filter byte 0, then the row's zero samples
+    rows_per_segment = 1000
+    assert height % rows_per_segment == 0
+    compressor = zlib.compressobj(9)
+    segment = compressor.compress(row * rows_per_segment) + compressor.flush(zlib.Z_FULL_FLUSH)
+    header, body = segment[:2], segment[2:]
+    adler = ((len(row) * height) % 65521) << 16 | 1
+    stream = header + body * (height // rows_per_segment) + b"\x03\x00" + adler.to_bytes(4, "big")
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, 0, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", stream) + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_above_the_pixel_limit_is_refused_before_decoding(tmp_path):
+    small = _zero_png16(tmp_path / "small.png", 300, 2000)  # the writer makes real PNGs
+    assert Image.open(small).mode == "I;16" and (images.load_gray(small).numpy() == 0).all()
+    huge = _zero_png16(tmp_path / "huge.png", 13000, 13000)
+    assert huge.stat().st_size < 400_000  # 338 MB of 16-bit pixels behind a small file
+    tracemalloc.start()
+    try:
+        with pytest.raises(images.ImageError, match=r"huge.png: 13000x13000 pixels is above the limit of 36 megapixels"):
+            images.load_gray(huge)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000  # the header was read, the pixels never were
+    with pytest.raises(images.ImageError, match="above the limit"):
+        images.load_gray(small, max_pixels=300 * 2000 - 1)
+
+
+def test_16bit_conversion_makes_no_float64_copy(tmp_path):
+    side = 1500
+    values = np.zeros((side, side), np.uint16)
+    values[::7] = np.arange(side, dtype=np.uint16) * 43  # every level class, compresses well
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(values).save(path)
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc
+    try:
+        gray = images.load_gray(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (gray.numpy() == np.clip(np.round(values / 257.0), 0, 255)).all()
+    # A float64 copy alone is 8 bytes a pixel; the integer path needs the uint16 pixels and the
+    # uint8 result (about 4.5 bytes a pixel measured).
+    assert peak < 6 * side * side, f"{peak / side / side:.1f} bytes per pixel"
