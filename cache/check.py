@@ -140,9 +140,9 @@ def _patient_overlaps(table) -> list[str]:
 
 def _feature_problems(path, done, dim, block_rows) -> list[str]:
     with h5py.File(path, "r") as f:
-        features = f["features"]
-        if features.shape != (len(done), dim):  # reported by structural_problems
+        if "features" not in f or f["features"].shape != (len(done), dim):  # reported as structural
             return []
+        features = f["features"]
         bad_rows = []
         for start in range(0, len(done), block_rows):
             block_done = done[start:start + block_rows]
