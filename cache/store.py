@@ -427,7 +427,8 @@ def merge_parts(path) -> int:
 def _merge_one(f: h5py.File, data: dict) -> int:
     rows = data["rows"].astype(np.int64)
     # Cast to the stored dtype before the finite check: float32 beyond 65504 overflows float16.
-    features = data["features"].astype(f["features"].dtype, copy=False)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, which the next line catches
+        features = data["features"].astype(f["features"].dtype, copy=False)
     rows, features, non_finite = split_non_finite(rows, features)
     order = np.argsort(rows)
     rows, features = rows[order], features[order]
