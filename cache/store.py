@@ -91,6 +91,9 @@ def create_cache(path, *, table: dict, feature_dim: int, feature_dtype: str, att
                  feature_dtype=feature_dtype)
     attrs["fingerprint"] = compute_fingerprint(attrs)
     tmp = path.with_name(path.name + ".creating")
+    need = (1 << 20) + 256 * n_rows  # the row table; features are allocated as rows get done
+    if shutil.disk_usage(path.parent).free < need:  # HDF5 meeting ENOSPC can crash the process
+        raise disk_full_error(path, where=path.parent, doing="creating the cache", need=need)
     with _removed_on_failure(tmp, cache=path, doing="creating the cache"):
         with h5py.File(tmp, "w") as f:
             f.create_dataset("image_id", data=np.asarray(table["image_id"], dtype=object), dtype=_STR)
@@ -405,13 +408,14 @@ def merge_parts(path) -> int:
     parts = _part_files(path)
     if not parts:
         return 0
-    need = path.stat().st_size + sum(part.stat().st_size for part in parts)
-    if shutil.disk_usage(path.parent).free < need:  # HDF5 on a full disk can crash, not just fail
+    need = path.stat().st_size + _merge_growth_bound(path, parts)
+    if shutil.disk_usage(path.parent).free < need:
         raise disk_full_error(path, where=path.parent, doing="merging part files", need=need)
     tmp = path.with_name(path.name + ".merging")
     merged = 0
     with _removed_on_failure(tmp, cache=path, doing="merging part files"):
         shutil.copyfile(path, tmp)
+        _reserve(tmp, need)
         with h5py.File(tmp, "r+") as f:
             fingerprint = _plain(f.attrs["fingerprint"])
             n_rows, dim = f["features"].shape
@@ -422,6 +426,38 @@ def merge_parts(path) -> int:
     for part in parts:
         part.unlink()
     return merged
+
+
+def _merge_growth_bound(path: Path, parts: list[Path]) -> int:
+    """An upper bound on how much merging `parts` grows the cache: every feature chunk the
+    parts touch written in full, plus 64 bytes of string heap per row and 1 MiB of metadata."""
+    touched, n_rows = set(), 0
+    with h5py.File(path, "r") as f:
+        chunk_rows = f["features"].chunks[0]
+        chunk_bytes = chunk_rows * f["features"].shape[1] * f["features"].dtype.itemsize
+    for part in parts:
+        try:
+            with np.load(part) as data:
+                rows = np.concatenate([data["rows"], data["failed_rows"]]).astype(np.int64)
+        except _UNREADABLE:  # load_part names it when its turn comes
+            continue
+        touched.update(np.unique(rows // chunk_rows).tolist())
+        n_rows += len(rows)
+    return len(touched) * chunk_bytes + 64 * n_rows + (1 << 20)
+
+
+def _reserve(tmp: Path, size: int) -> None:
+    """Allocate `size` bytes for the merged copy before HDF5 writes into it: HDF5 meeting a
+    full disk mid-write can crash the process (measured: a segmentation fault on a full
+    tmpfs) instead of raising, so the disk must fill here, where it is a clean ENOSPC."""
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: go on
+            raise
+    finally:
+        os.close(fd)
 
 
 def _merge_one(f: h5py.File, data: dict) -> int:
