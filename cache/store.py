@@ -91,7 +91,7 @@ def create_cache(path, *, table: dict, feature_dim: int, feature_dtype: str, att
                  feature_dtype=feature_dtype)
     attrs["fingerprint"] = compute_fingerprint(attrs)
     tmp = path.with_name(path.name + ".creating")
-    need = (1 << 20) + 256 * n_rows  # the row table; features are allocated as rows get done
+    need = (1 << 18) + 256 * n_rows  # the row table; features are allocated as rows get done
     if shutil.disk_usage(path.parent).free < need:  # HDF5 meeting ENOSPC can crash the process
         raise disk_full_error(path, where=path.parent, doing="creating the cache", need=need)
     with _removed_on_failure(tmp, cache=path, doing="creating the cache"):
@@ -154,13 +154,17 @@ def disk_full_error(cache, *, where: Path, doing: str, need: int | None = None) 
     cache = real_path(cache)
     free = shutil.disk_usage(where if where.is_dir() else where.parent).free
     asked = f"; this step needs {_size(need)}" if need else ""
+    if not cache.exists():
+        return DiskFull(f"no space left on device at {where} while {doing} ({_size(free)} free{asked}); "
+                        f"free space there, or give --cache a path on a disk with room")
     try:
-        total = f"; the finished cache needs about {_size(finished_size(cache))}, and merging part files needs room for one more copy of it"
+        total = (f"; the finished cache needs about {_size(finished_size(cache))}, and merging part files "
+                 f"needs room for one more copy of it")
     except (OSError, KeyError):
         total = ""
     return DiskFull(
-        f"no space left on device at {where} while {doing} ({_size(free)} free{asked}{total}); the cache is intact: "
-        f"free space and rerun, or resume elsewhere by copying {cache} and {parts_dir(cache)}/ to a "
+        f"no space left on device at {where} while {doing} ({_size(free)} free{asked}{total}); the cache is "
+        f"intact: free space and rerun, or resume elsewhere by copying {cache} and {parts_dir(cache)}/ to a "
         f"disk with room and rerunning extract with --cache set to the copy")
 
 
