@@ -24,6 +24,12 @@ table = {"image_id": [f"{i:05d}.png" for i in range(n_rows)], "patient_id": np.a
          "labels": np.zeros((n_rows, len(cache.CLASSES)), np.uint8), "split": np.array(["train"] * n_rows, dtype=object)}
 attrs = {key: 1 for key in cache.FINGERPRINT_KEYS}
 attrs.update(classes=list(cache.CLASSES), preprocessing={}, backbone="test")
+if case == "create":  # a disk too small for even the row table
+    try:
+        cache.create_cache(path, table=table, feature_dim=dim, feature_dtype="float32", attrs=attrs)
+    except cache.DiskFull as err:
+        print(json.dumps({"error": str(err), "left": os.listdir(disk)}))
+    sys.exit(0)
 cache.create_cache(path, table=table, feature_dim=dim, feature_dtype="float32", attrs=attrs)
 writer = cache.PartWriter(path, fingerprint=cache.read_attrs(path)["fingerprint"])
 features = np.arange(n_rows * dim, dtype=np.float32).reshape(n_rows, dim)
@@ -97,3 +103,9 @@ def test_a_merge_on_a_full_disk_keeps_the_cache_and_its_parts(tmp_path, case):
     assert result["intact"] and result["problems"] == []
     assert result["leftovers"] == [] and result["parts"] == 6
     assert result["merged_elsewhere"] == 600 and result["resumed"]
+
+
+def test_creating_a_cache_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    result, disk = _run_on_small_disk(tmp_path, "create", "64k")
+    assert result["error"].startswith(f"no space left on device at {disk} while creating the cache")
+    assert "give --cache a path on a disk with room" in result["error"] and result["left"] == []
