@@ -15,12 +15,29 @@ D = feature_dim (2048 for ResNet50); C = len(classes) (14).
 File attributes: schema_version, classes, backbone, weights, weights_sha256, image_size,
 precision, feature_dim, feature_dtype, preprocessing (JSON), val_fraction, split_seed,
 split_source, source_csv, source_csv_sha256, split_lists_sha256, versions (JSON),
-created, fingerprint (sha256 over every attribute in FINGERPRINT_KEYS).
+created, fingerprint: the sha256 hex digest of the UTF-8 bytes of
+`json.dumps({key: value for key in FINGERPRINT_KEYS}, sort_keys=True)` (Python's defaults:
+separators ", " and ": ", non-ASCII as \\uXXXX; arrays as lists), i.e. over every setting
+that decides which rows exist and what their features are.
+
+Invariants every reader checks (`check_readable`, also run by `python -m cache verify`):
+schema_version is SCHEMA_VERSION; every dataset, every FINGERPRINT_KEYS attribute and the
+fingerprint are present; the fingerprint matches; every row dataset has N rows and
+`features` is (N, feature_dim) of feature_dtype; labels are 0/1; split names are
+train/val/test; no patient is in two splits.
+`verify` also checks that every done row's features are finite.
 
 Crash safety: the HDF5 file is never modified in place. Extraction appends finished batches
 to small part files in `<cache>.parts/`; merging copies the file, writes the parts into the
 copy and atomically renames it over the original. A SIGKILL at any moment leaves either the
-old or the new file, plus parts that a rerun merges.
+old or the new file, plus parts that a rerun merges. A cache reached through a symlink is
+locked and replaced at its real path, the link kept. The writer lock is a POSIX record lock
+on `<cache>.lock`: it dies with its process, and forked workers never hold it.
+
+Writers: a row whose embedding is not finite (as stored: float16 overflow counts) is a
+failed row, like a bad image: not done, its reason in `error`. Reasons are stored as UTF-8,
+with what cannot be encoded backslash-escaped. A full disk raises DiskFull with the cache
+intact; space for a merge is reserved before HDF5 writes, since HDF5 can crash on ENOSPC.
 """
 from cache.check import check_readable
 from cache.schema import CLASSES, SPLITS, TEST, TRAIN, VAL

@@ -37,8 +37,7 @@ def test_round_trip_and_fingerprint(tmp_path):
     assert (back["labels"] == table["labels"]).all() and not back["done"].any()
     attrs = cache.read_attrs(path)
     assert attrs["preprocessing"] == {"x": 1} and attrs["classes"] == CLASSES
-    assert attrs["fingerprint"] == cache.compute_fingerprint(attrs)
-    assert cache.compute_fingerprint(dict(attrs, image_size=2)) != attrs["fingerprint"]
+    assert len(attrs["fingerprint"]) == 64  # its value: test_cache_writers, from the documented form
     with h5py.File(path) as f:  # any HDF5 tool sees plain datasets
         assert f["features"].shape == (10, 4) and np.isnan(f["features"][0]).all()
 
