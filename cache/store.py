@@ -55,8 +55,9 @@ def real_path(path) -> Path:
 
 def safe_text(text) -> str:
     """`text` as valid UTF-8: what cannot be encoded (a surrogate-escaped byte from a non-UTF-8
-    file name) is written as a backslash escape, so storing a reason can never fail."""
-    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+    file name) is written as a backslash escape, and so is NUL, which HDF5 strings cannot
+    hold, so storing a reason can never fail."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8").replace("\0", "\\x00")
 
 
 def compute_fingerprint(attrs: dict) -> str:

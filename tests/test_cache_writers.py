@@ -61,7 +61,7 @@ def test_float16_overflow_at_merge_is_a_failed_row(tmp_path):
 def test_a_reason_that_is_not_utf8_is_stored_escaped_and_merges(tmp_path):
     path = tmp_path / "c.h5"
     fingerprint = _make(path)
-    reason = os.fsdecode(b"/data/r\xe9sum\xe9/00000003_000.png") + ": cannot decode"  # surrogate escapes
+    reason = os.fsdecode(b"/data/r\xe9sum\xe9/00000003_000.png") + ": cannot\0decode"  # surrogates, a NUL
     cache.PartWriter(path, fingerprint=fingerprint).write(rows=[], features=np.zeros((0, DIM)),
                                                            failed_rows=[3], failed_reasons=[reason])
     # The same text written straight into a part, as a writer that does not escape it would.
@@ -70,7 +70,7 @@ def test_a_reason_that_is_not_utf8_is_stored_escaped_and_merges(tmp_path):
                  failed_rows=np.array([7]), failed_reasons=np.array([reason]), fingerprint=np.asarray(fingerprint))
     assert cache.merge_parts(path) == 2
     table = cache.read_table(path)
-    assert table["error"][3] == table["error"][7] == "/data/r\\udce9sum\\udce9/00000003_000.png: cannot decode"
+    assert table["error"][3] == table["error"][7] == "/data/r\\udce9sum\\udce9/00000003_000.png: cannot\\x00decode"
     assert find_problems(path) == []
 
 
