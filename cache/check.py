@@ -77,6 +77,10 @@ def find_problems(path, *, block_rows: int = 8192, scan_features: bool = True) -
         problems = structural_problems(path)
     except CacheError as err:
         return [str(err)]
+    try:
+        pending_part_rows(path)  # a damaged part file would stop the next extract
+    except CacheError as err:
+        problems.append(str(err))
     if not scan_features:
         return problems
     try:
