@@ -118,7 +118,7 @@ def test_the_check_reads_the_row_table_but_never_the_features(sound_cache, monke
 def test_verify_names_a_damaged_part_file(sound_cache):
     path, _ = sound_cache
     part = cache.store.parts_dir(path) / "r0-host-1-1-000000.npz"
-    part.parent.mkdir()
+    part.parent.mkdir(exist_ok=True)
     part.write_bytes(b"PK\x03\x04 not a whole zip")
     result = call_main("cache", "verify", path)
     assert result.returncode == 1 and f"part file {part} is unreadable" in result.stdout
