@@ -435,7 +435,8 @@ def merge_parts(path) -> int:
 
 def _merge_growth_bound(path: Path, parts: list[Path]) -> int:
     """An upper bound on how much merging `parts` grows the cache: every feature chunk the
-    parts touch written in full, plus 64 bytes of string heap per row and 1 MiB of metadata."""
+    parts touch written in full, plus 64 bytes of string heap per row and 64 KiB of metadata
+    (measured: 34-212 KiB above the real growth without the 64 KiB)."""
     touched, n_rows = set(), 0
     with h5py.File(path, "r") as f:
         chunk_rows = f["features"].chunks[0]
@@ -448,7 +449,7 @@ def _merge_growth_bound(path: Path, parts: list[Path]) -> int:
             continue
         touched.update(np.unique(rows // chunk_rows).tolist())
         n_rows += len(rows)
-    return len(touched) * chunk_bytes + 64 * n_rows + (1 << 20)
+    return len(touched) * chunk_bytes + 64 * n_rows + (1 << 16)
 
 
 def _reserve(tmp: Path, size: int) -> None:
