@@ -38,7 +38,9 @@ def _signed(value) -> str:
 
 
 def _p(value) -> str:
-    return "-" if _missing(value) else f"{value:.3g}"
+    if _missing(value):
+        return "-"
+    return "<1e-16" if value < 1e-16 else f"{value:.3g}"  # below that, float rounding, as R prints it
 
 
 def _missing(value) -> bool:
