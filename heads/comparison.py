@@ -234,7 +234,8 @@ def _leaderboard(runs, *, aucs, intervals, differences, reference, classes) -> p
 
 
 def describe_features(config: dict) -> dict:
-    """The cache(s) a run used: encoder, weights, image size, layers, fingerprint; a run on
+    """The cache(s) a run used: encoder, weights, image size, layers, feature width,
+    fingerprint; a run on
     several caches joins each field with ' + '."""
     entries = config.get("caches") or [config]
     described = [_describe_cache(entry) for entry in entries]
@@ -247,4 +248,5 @@ def _describe_cache(entry) -> dict:
     attrs = entry.get("cache_attrs") or entry.get("attrs") or entry
     return {"encoder": attrs.get("encoder", attrs.get("backbone", "")), "weights": attrs.get("weights", ""),
             "image_size": attrs.get("image_size", ""), "layers": attrs.get("layers", attrs.get("layer", "")),
+            "feature_dim": attrs.get("feature_dim", ""),
             "cache_fingerprint": entry.get("cache_fingerprint", attrs.get("fingerprint", ""))}

@@ -10,9 +10,6 @@ import numpy as np
 
 from heads.comparison import Comparison
 
-FEATURE_COLUMNS = ("encoder", "weights", "image_size", "layers", "cache_fingerprint")
-
-
 def write_comparison(folder: Path, comparison: Comparison, *, versions: dict) -> None:
     """Every output file into `folder` (the caller builds it under .partial and renames it)."""
     comparison.leaderboard.to_csv(folder / "comparison.csv", index=False, float_format="%.6g")
@@ -80,15 +77,15 @@ def markdown(comparison: Comparison) -> str:
 def _leaderboard_markdown(comparison) -> list[str]:
     heads = head_descriptions(comparison)
     lines = ["## Leaderboard (sorted by test mean AUC)", "",
-             "| run | encoder | weights | image size | layers | cache | head | val mean AUC "
+             "| run | encoder | weights | image size | layers | dim | cache | head | val mean AUC "
              "| test mean AUC [95% CI] | difference vs reference [95% CI] | p (bootstrap) | train s |",
-             "|" + "---|" * 12]
+             "|" + "---|" * 13]
     for row in comparison.leaderboard.itertuples(index=False):
         versus = ("reference" if row.reference else
                   f"{_signed(row.difference)} [{_signed(row.difference_ci_low)}, {_signed(row.difference_ci_high)}]")
         seconds = "-" if _missing(row.train_seconds) else f"{row.train_seconds:.1f}"
         lines.append(f"| `{row.run}` | {row.encoder} | {row.weights} | {row.image_size} | {row.layers or '-'} "
-                     f"| {str(row.cache_fingerprint)[:12]} | {heads[row.run]} | {_auc(row.val_mean_auc)} "
+                     f"| {row.feature_dim} | {str(row.cache_fingerprint)[:12]} | {heads[row.run]} | {_auc(row.val_mean_auc)} "
                      f"| {_auc(row.test_mean_auc)} [{_auc(row.ci_low)}, {_auc(row.ci_high)}] | {versus} "
                      f"| {_p(row.p_bootstrap)} | {seconds} |")
     return lines
