@@ -235,18 +235,25 @@ def _leaderboard(runs, *, aucs, intervals, differences, reference, classes) -> p
 
 def describe_features(config: dict) -> dict:
     """The cache(s) a run used: encoder, weights, image size, layers, feature width,
-    fingerprint; a run on
-    several caches joins each field with ' + '."""
-    entries = config.get("caches") or [config]
-    described = [_describe_cache(entry) for entry in entries]
+    fingerprint; a run on several caches joins each field with ' + '."""
+    single = {"name": config.get("cache", ""), "fingerprint": config.get("cache_fingerprint", ""),
+              "attrs": config.get("cache_attrs", {})}
+    described = [_describe_cache(entry, config) for entry in config.get("caches") or [single]]
     return {key: " + ".join(str(d[key]) for d in described) for key in described[0]}
 
 
-def _describe_cache(entry) -> dict:
-    if not isinstance(entry, dict):
-        entry = {"cache": str(entry)}
-    attrs = entry.get("cache_attrs") or entry.get("attrs") or entry
-    return {"encoder": attrs.get("encoder", attrs.get("backbone", "")), "weights": attrs.get("weights", ""),
-            "image_size": attrs.get("image_size", ""), "layers": attrs.get("layers", attrs.get("layer", "")),
-            "feature_dim": attrs.get("feature_dim", ""),
-            "cache_fingerprint": entry.get("cache_fingerprint", attrs.get("fingerprint", ""))}
+def _describe_cache(entry, config: dict) -> dict:
+    entry = entry if isinstance(entry, dict) else {"name": str(entry)}
+    fingerprint = entry.get("fingerprint") or entry.get("cache_fingerprint", "")
+    attrs = entry.get("attrs") or entry.get("cache_attrs")
+    if attrs is None and fingerprint == config.get("cache_fingerprint"):
+        attrs = config.get("cache_attrs")  # a multi-cache record may keep the attributes once, for the first
+    attrs = attrs or {}
+    preprocessing = attrs.get("preprocessing") or {}
+    if isinstance(preprocessing, str):
+        preprocessing = json.loads(preprocessing)
+    layers = attrs.get("layers") or preprocessing.get("layers") or ""
+    return {"encoder": attrs.get("encoder") or attrs.get("backbone") or Path(str(entry.get("name", ""))).stem,
+            "weights": attrs.get("weights", ""), "image_size": attrs.get("image_size", ""),
+            "layers": ",".join(map(str, layers)) if isinstance(layers, (list, tuple)) else layers,
+            "feature_dim": attrs.get("feature_dim", ""), "cache_fingerprint": fingerprint or attrs.get("fingerprint", "")}

@@ -10,7 +10,7 @@ import pytest
 
 from cache.synthetic import write_synthetic_cache
 from conftest import call_main, run_cli
-from heads.comparison import DIFFERENCE_COLUMNS
+from heads.comparison import DIFFERENCE_COLUMNS, describe_features
 from heads.paired import bootstrap_p_value, delong_test, holm, paired_bootstrap_auc, paired_differences
 
 DELONG_CASES = Path(__file__).parent / "data" / "delong"
@@ -215,3 +215,16 @@ def test_end_to_end_two_synthetic_caches_through_the_clis(tmp_path):
     assert mean["ci_high"] < 0 and mean["p_bootstrap"] < 0.05
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [
         "comparison.csv", "comparison.json", "comparison.md", "forest_plot.png", "paired_differences.csv"]
+
+
+def test_features_of_one_cache_and_of_several_are_described():
+    attrs = {"backbone": "resnet50", "weights": "IMAGENET1K_V2", "image_size": 224, "feature_dim": 3072,
+             "preprocessing": json.dumps({"resize": 256, "layers": ["layer3", "layer4"]})}
+    single = {"cache": "/c/a.h5", "cache_fingerprint": "f1", "cache_attrs": attrs, "settings": {}}
+    assert describe_features(single) == {"encoder": "resnet50", "weights": "IMAGENET1K_V2", "image_size": "224",
+                                         "layers": "layer3,layer4", "feature_dim": "3072", "cache_fingerprint": "f1"}
+    several = {**single, "caches": [{"name": "a.h5", "path": "/c/a.h5", "fingerprint": "f1", "columns": [0, 3072]},
+                                    {"name": "dino.h5", "path": "/c/dino.h5", "fingerprint": "f2",
+                                     "columns": [3072, 3840]}]}
+    described = describe_features(several)
+    assert described["encoder"] == "resnet50 + dino" and described["cache_fingerprint"] == "f1 + f2"
