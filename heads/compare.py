@@ -32,9 +32,18 @@ def get_args_parser(add_help=True):
                         help="the run the others are compared with (default: best validation mean AUC)")
     parser.add_argument("--out", default=None, help="output folder (default: outputs/compare/<time>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="patient resamples (default: 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the resamples (default: 0)")
+    parser.add_argument("--bootstrap", type=_at_least(1), default=1000, help="patient resamples (default: 1000)")
+    parser.add_argument("--seed", type=_at_least(0), default=0, help="seed of the resamples (default: 0)")
     return parser
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= low, so a bad value stops at parse time (exit 2)."""
+    def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: give an integer >= {low}")
+        return int(text)
+    return parse
 
 
 def main(args) -> int:
@@ -43,8 +52,6 @@ def main(args) -> int:
         names = _unique_runs(args.runs + ([args.reference] if args.reference else []))
         if len(names) < 2:
             raise CompareError("give at least two different run directories to compare")
-        if args.bootstrap < 1:
-            raise CompareError(f"--bootstrap {args.bootstrap}: give a positive number of resamples")
         _check_out(out, overwrite=args.overwrite)
         runs = [load_run(name) for name in names]
         check_same_test_rows(runs)

@@ -228,3 +228,25 @@ def test_features_of_one_cache_and_of_several_are_described():
                                      "columns": [3072, 3840]}]}
     described = describe_features(several)
     assert described["encoder"] == "resnet50 + dino" and described["cache_fingerprint"] == "f1 + f2"
+
+
+def test_a_class_with_one_label_value_is_left_out(runs, tmp_path):
+    for name in ("strong", "weak"):
+        shutil.copytree(runs / name, tmp_path / name)
+        path = tmp_path / name / "predictions_test.csv"
+        pd.read_csv(path, dtype={"image_id": str}).assign(label_Hernia=0).to_csv(path, index=False)
+    compare(tmp_path / "weak", tmp_path / "strong", "--out", tmp_path / "out", check_rc=0)
+    differences = pd.read_csv(tmp_path / "out" / "paired_differences.csv")
+    assert "Hernia" not in set(differences["class"]) and len(differences) == 14
+    leaderboard = pd.read_csv(tmp_path / "out" / "comparison.csv").set_index("run")
+    scored = [c for c in leaderboard.columns if c.startswith("auc_") and c != "auc_Hernia"]
+    assert leaderboard["auc_Hernia"].isna().all()
+    assert leaderboard.loc[str(tmp_path / "weak"), "test_mean_auc"] == pytest.approx(
+        leaderboard.loc[str(tmp_path / "weak"), scored].mean())
+
+
+def test_bad_flags_stop_at_parse_time(runs):
+    for flag, value in (("--bootstrap", "0"), ("--seed", "-1"), ("--bootstrap", "many")):
+        with pytest.raises(SystemExit) as stopped:
+            call_main("heads.compare", runs / "strong", runs / "weak", flag, value)
+        assert stopped.value.code == 2
