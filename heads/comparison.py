@@ -161,7 +161,6 @@ class Comparison:
     classes: list
     leaderboard: pd.DataFrame
     differences: pd.DataFrame
-    intervals: list  # per run: confidence_intervals() of its test AUCs
     n_resamples: int
     seed: int
 
@@ -186,8 +185,7 @@ def compare_runs(runs: list[Run], *, reference: int, reference_reason: str = "",
     leaderboard = _leaderboard(runs, aucs=aucs, intervals=intervals, differences=differences, reference=reference,
                                classes=classes)
     return Comparison(runs=runs, reference=reference, reference_reason=reference_reason, classes=classes,
-                      leaderboard=leaderboard, differences=differences, intervals=intervals,
-                      n_resamples=n_resamples, seed=seed)
+                      leaderboard=leaderboard, differences=differences, n_resamples=n_resamples, seed=seed)
 
 
 def _difference_rows(*, labels, scores, aucs, resampled, runs, run, reference, classes) -> list[dict]:
