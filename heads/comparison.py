@@ -1,0 +1,257 @@
+"""Compare run directories on the same test images: load and check them, score every run on the
+same patient resamples, and write the comparison (see `heads.compare`).
+
+    comparison.csv          the leaderboard: one row per run, mean and per-class test AUCs
+                            with patient-bootstrap 95% CIs, the cache and head settings of each
+    paired_differences.csv  one row per (run, class or "mean") against the reference: paired
+                            difference, its 95% CI and bootstrap p; DeLong p and Holm-adjusted p
+    comparison.md           the same as tables a paper would print
+    comparison.json         the inputs: run directories, reference and why, resamples, seed, versions
+    forest_plot.png         per-class AUCs with CIs (one marker per run) and the paired differences
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from heads.evaluate import confidence_intervals, fast_auc_per_class, mean_auc
+from heads.paired import delong_test, holm, paired_bootstrap_auc, paired_differences
+
+RUN_FILES = ("config.json", "predictions_test.csv")
+DIFFERENCE_COLUMNS = ["run", "reference", "class", "auc", "reference_auc", "difference", "ci_low", "ci_high",
+                      "p_bootstrap", "p_delong", "p_delong_holm"]
+
+
+class CompareError(Exception):
+    """Run directories that cannot be compared: not a run of this kit, or not the same test rows."""
+
+
+@dataclass
+class Run:
+    name: str  # as given on the command line
+    path: Path
+    config: dict
+    metrics: dict
+    test: pd.DataFrame  # predictions_test.csv, sorted by image_id
+    classes: list
+    val_mean_auc: float | None
+
+
+def load_run(name: str) -> Run:
+    """Read one run directory written by heads.train, search (best_run) or heads.baseline."""
+    path = Path(name)
+    if not path.is_dir():
+        raise CompareError(f"{name}: no such directory; give run directories written by heads.train, "
+                           "search (its best_run) or heads.baseline")
+    missing = [f for f in RUN_FILES if not (path / f).is_file()]
+    if missing:
+        raise CompareError(f"{name} is not a run directory of this kit (no {' or '.join(missing)}); give "
+                           "directories written by heads.train, search (its best_run) or heads.baseline")
+    config = _read_json(path / "config.json", name)
+    if not isinstance(config, dict) or "settings" not in config or not ({"cache", "caches"} & config.keys()):
+        raise CompareError(f"{path / 'config.json'} is not a run config of this kit (no settings or cache); "
+                           "give directories written by heads.train, search or heads.baseline")
+    metrics = _read_json(path / "metrics.json", name) if (path / "metrics.json").is_file() else {}
+    test, classes = read_predictions(path / "predictions_test.csv")
+    val_path = path / "predictions_val.csv"
+    if val_path.is_file():
+        val, _ = read_predictions(val_path)
+        val_mean = mean_auc(fast_auc_per_class(*_labels_scores(val, classes)))
+    else:
+        val_mean = metrics.get("val", {}).get("mean_auc")
+    return Run(name=name, path=path, config=config, metrics=metrics, test=test, classes=classes,
+               val_mean_auc=val_mean)
+
+
+def _read_json(path: Path, name: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CompareError(f"{path}: not readable JSON ({err}); is {name} a complete run directory?") from None
+
+
+def read_predictions(path: Path) -> tuple[pd.DataFrame, list]:
+    """A predictions CSV sorted by image_id, and its classes (from the prob_<class> columns);
+    refuses missing columns, repeated images, and probabilities or labels that cannot be scored."""
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str})
+    except (OSError, ValueError) as err:
+        raise CompareError(f"{path}: not a readable CSV ({err})") from None
+    classes = [c[len("prob_"):] for c in frame.columns if c.startswith("prob_")]
+    needed = ["image_id", "patient_id"] + [f"label_{c}" for c in classes]
+    missing = [c for c in needed if c not in frame.columns]
+    if not classes or missing:
+        raise CompareError(f"{path}: not a predictions file of this kit (missing columns "
+                           f"{missing or ['prob_<class>']}); expected image_id, patient_id, prob_<class>, label_<class>")
+    repeated = frame["image_id"][frame["image_id"].duplicated()]
+    if len(repeated):
+        raise CompareError(f"{path}: image {repeated.iloc[0]} appears more than once")
+    _check_values(frame, path=path, columns=[f"prob_{c}" for c in classes], allowed=None)
+    _check_values(frame, path=path, columns=[f"label_{c}" for c in classes], allowed=(0, 1))
+    return frame.sort_values("image_id", kind="stable").reset_index(drop=True), classes
+
+
+def _check_values(frame, *, path, columns, allowed) -> None:
+    values = frame[columns].to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(values) if allowed is None else ~np.isin(values, allowed)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise CompareError(f"{path}: row {row + 2} ({frame['image_id'].iloc[row]}) has {columns[column]} = "
+                           f"{values[row, column]}; expected {'a finite probability' if allowed is None else '0 or 1'}")
+
+
+def _labels_scores(frame: pd.DataFrame, classes) -> tuple[np.ndarray, np.ndarray]:
+    return (frame[[f"label_{c}" for c in classes]].to_numpy(np.uint8),
+            frame[[f"prob_{c}" for c in classes]].to_numpy(np.float64))
+
+
+def check_same_test_rows(runs: list[Run]) -> None:
+    """Raise CompareError naming the first difference between any run's test rows and the
+    first run's: classes, image ids, patients or labels."""
+    first = runs[0]
+    for run in runs[1:]:
+        where = f"{run.name} and {first.name}"
+        if run.classes != first.classes:
+            raise CompareError(f"{where} score different classes ({run.classes} vs {first.classes})")
+        # sets, not np.setdiff1d: on object arrays of ids it compares every pair (11 s at NIH size)
+        run_ids, first_ids = set(run.test["image_id"]), set(first.test["image_id"])
+        only_run, only_first = sorted(run_ids - first_ids), sorted(first_ids - run_ids)
+        if len(only_run) or len(only_first):
+            raise CompareError(
+                f"{where} have different test images ({len(run.test)} vs {len(first.test)} rows; "
+                f"{len(only_run)} only in {run.name}{_example(only_run)}, {len(only_first)} only in "
+                f"{first.name}{_example(only_first)}): compare runs made on the same cache rows")
+        for column, what in [("patient_id", "patient ids")] + [(f"label_{c}", f"labels of {c}") for c in run.classes]:
+            differs = run.test[column].to_numpy() != first.test[column].to_numpy()
+            if differs.any():
+                raise CompareError(f"{where} have different {what} on {differs.sum()} test images "
+                                   f"(e.g. {run.test['image_id'][differs].iloc[0]}): compare runs made on the same cache rows")
+
+
+def _example(ids) -> str:
+    return f", e.g. {ids[0]}" if len(ids) else ""
+
+
+def choose_reference(runs: list[Run], reference: str | None) -> tuple[int, str]:
+    """(index of the reference run, why it is the reference). The default is the best
+    VALIDATION mean AUC, so that test never makes the choice it is then used to judge."""
+    if reference is not None:
+        wanted = Path(reference).resolve()
+        matches = [i for i, run in enumerate(runs) if run.path.resolve() == wanted]
+        if not matches:
+            raise CompareError(f"--reference {reference} is not one of the runs compared; add it to RUN_DIR")
+        return matches[0], "given with --reference"
+    missing = [run.name for run in runs if run.val_mean_auc is None]
+    if missing:
+        raise CompareError(f"{missing[0]} has no validation AUC (no predictions_val.csv or metrics.json) to "
+                           "choose the reference by; pass --reference RUN_DIR")
+    index = int(np.argmax([run.val_mean_auc for run in runs]))  # first of equals
+    return index, f"best validation mean AUC ({runs[index].val_mean_auc:.4f}); test played no part in the choice"
+
+
+@dataclass
+class Comparison:
+    runs: list
+    reference: int
+    reference_reason: str
+    classes: list
+    leaderboard: pd.DataFrame
+    differences: pd.DataFrame
+    n_resamples: int
+    seed: int
+
+
+def compare_runs(runs: list[Run], *, reference: int, reference_reason: str = "", n_resamples: int = 1000,
+                 seed: int = 0) -> Comparison:
+    """Score every run on the same patient resamples; the leaderboard and the paired
+    differences of each other run against `reference` (runs must share their test rows)."""
+    classes = runs[0].classes
+    labels, _ = _labels_scores(runs[0].test, classes)
+    scores = [_labels_scores(run.test, classes)[1] for run in runs]
+    resampled = paired_bootstrap_auc(labels, scores, runs[0].test["patient_id"].to_numpy(),
+                                     n_resamples=n_resamples, seed=seed)
+    aucs = [fast_auc_per_class(labels, run_scores) for run_scores in scores]
+    intervals = [confidence_intervals(resampled[:, r]) for r in range(len(runs))]
+    rows = []
+    for r, run in enumerate(runs):
+        if r != reference:
+            rows += _difference_rows(labels=labels, scores=scores, aucs=aucs, resampled=resampled, runs=runs,
+                                     run=r, reference=reference, classes=classes)
+    differences = pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS)
+    leaderboard = _leaderboard(runs, aucs=aucs, intervals=intervals, differences=differences, reference=reference,
+                               classes=classes)
+    return Comparison(runs=runs, reference=reference, reference_reason=reference_reason, classes=classes,
+                      leaderboard=leaderboard, differences=differences, n_resamples=n_resamples, seed=seed)
+
+
+def _difference_rows(*, labels, scores, aucs, resampled, runs, run, reference, classes) -> list[dict]:
+    paired = paired_differences(resampled, run=run, reference=reference)
+    p_delong = [delong_test(labels[:, c], scores[run][:, c], scores[reference][:, c])["p_value"]
+                if aucs[run][c] is not None else np.nan for c in range(len(classes))]
+    p_holm = holm(p_delong)  # 14 tests at once: the family-wise error, not each test's
+    names = {"run": runs[run].name, "reference": runs[reference].name}
+    rows = [{**names, "class": "mean", "auc": mean_auc(aucs[run]), "reference_auc": mean_auc(aucs[reference]),
+             "difference": mean_auc(aucs[run]) - mean_auc(aucs[reference]), "ci_low": paired["mean_ci"][0],
+             "ci_high": paired["mean_ci"][1], "p_bootstrap": paired["mean_p"], "p_delong": np.nan,
+             "p_delong_holm": np.nan}]
+    for c, name in enumerate(classes):
+        if aucs[run][c] is None:
+            continue  # one label value on test: nothing to compare
+        rows.append({**names, "class": name, "auc": aucs[run][c], "reference_auc": aucs[reference][c],
+                     "difference": aucs[run][c] - aucs[reference][c], "ci_low": paired["per_class_ci"][c][0],
+                     "ci_high": paired["per_class_ci"][c][1], "p_bootstrap": paired["per_class_p"][c],
+                     "p_delong": p_delong[c], "p_delong_holm": p_holm[c]})
+    return rows
+
+
+def _leaderboard(runs, *, aucs, intervals, differences, reference, classes) -> pd.DataFrame:
+    rows = []
+    for r, run in enumerate(runs):
+        mean_row = differences[(differences["run"] == run.name) & (differences["class"] == "mean")]
+        versus = mean_row.iloc[0] if len(mean_row) else None
+        rows.append({
+            "run": run.name, "reference": r == reference, "val_mean_auc": run.val_mean_auc,
+            "test_mean_auc": mean_auc(aucs[r]), "ci_low": intervals[r]["mean"][0], "ci_high": intervals[r]["mean"][1],
+            "difference": 0.0 if versus is None else versus["difference"],
+            "difference_ci_low": np.nan if versus is None else versus["ci_low"],
+            "difference_ci_high": np.nan if versus is None else versus["ci_high"],
+            "p_bootstrap": np.nan if versus is None else versus["p_bootstrap"],
+            **describe_features(run.config), "model": run.config.get("model", ""),
+            "settings": json.dumps(run.config.get("settings", {}), sort_keys=True),
+            "train_seconds": run.metrics.get("train_seconds", np.nan),
+            **{f"auc_{name}": aucs[r][c] for c, name in enumerate(classes)},
+            **{f"ci_low_{name}": intervals[r]["per_class"][c][0] for c, name in enumerate(classes)},
+            **{f"ci_high_{name}": intervals[r]["per_class"][c][1] for c, name in enumerate(classes)},
+        })
+    # sorted by test AUC for reading only; the reference was chosen before, on validation
+    return pd.DataFrame(rows).sort_values("test_mean_auc", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def describe_features(config: dict) -> dict:
+    """The cache(s) a run used: encoder, weights, image size, layers, feature width,
+    fingerprint; a run on several caches joins each field with ' + '."""
+    single = {"name": config.get("cache", ""), "fingerprint": config.get("cache_fingerprint", ""),
+              "attrs": config.get("cache_attrs", {})}
+    described = [_describe_cache(entry, config) for entry in config.get("caches") or [single]]
+    return {key: " + ".join(str(d[key]) for d in described) for key in described[0]}
+
+
+def _describe_cache(entry, config: dict) -> dict:
+    entry = entry if isinstance(entry, dict) else {"name": str(entry)}
+    fingerprint = entry.get("fingerprint") or entry.get("cache_fingerprint", "")
+    attrs = entry.get("attrs") or entry.get("cache_attrs")
+    if attrs is None and fingerprint == config.get("cache_fingerprint"):
+        attrs = config.get("cache_attrs")  # a multi-cache record may keep the attributes once, for the first
+    attrs = attrs or {}
+    preprocessing = attrs.get("preprocessing") or {}
+    if isinstance(preprocessing, str):
+        preprocessing = json.loads(preprocessing)
+    layers = attrs.get("layers") or preprocessing.get("layers") or ""
+    return {"encoder": attrs.get("encoder") or attrs.get("backbone") or Path(str(entry.get("name", ""))).stem,
+            "weights": attrs.get("weights", ""), "image_size": attrs.get("image_size", ""),
+            "layers": ",".join(map(str, layers)) if isinstance(layers, (list, tuple)) else layers,
+            "feature_dim": attrs.get("feature_dim", ""), "cache_fingerprint": fingerprint or attrs.get("fingerprint", "")}
