@@ -96,6 +96,10 @@ def batches(rows, paths, *, encoder: Encoder, batch_size: int, workers: int, pin
     )
     pending = []
     for small in loader:
+        if small["gray"].is_shared():
+            # copy out of /dev/shm at once: a shared block stays allocated while referenced,
+            # and a model batch is many worker batches
+            small["gray"] = small["gray"].clone()
         pending.append(small)
         if sum(len(b["rows"]) + len(b["failed"]) for b in pending) >= batch_size:
             yield _join(pending)
