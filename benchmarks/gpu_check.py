@@ -1,4 +1,4 @@
-"""The GPU check: one command for a machine with an NVIDIA GPU, under 8 minutes, no network.
+"""The GPU check: one command for a machine with an NVIDIA GPU, under 10 minutes, no network.
 
 1. agreement: the same images embedded on the CPU (fp32) and on the GPU (its precision),
    within the tolerance of that precision;
