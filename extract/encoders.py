@@ -53,9 +53,6 @@ class EncoderError(Exception):
     """A --backbone, --weights, --layers or --pooling that cannot be built as asked."""
 
 
-WeightsError = EncoderError  # the name earlier versions raised for bad --weights
-
-
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
     """How a gray image in [0, 1] becomes an encoder input: resized whole (never cropped) to
@@ -283,6 +280,9 @@ def _torchvision(name, *, weights, image_size, layers, pooling) -> Encoder:
         raise EncoderError(f"--backbone {name}: not a torchvision classification model; e.g. resnet50, "
                            f"densenet121, convnext_tiny, vit_b_16, efficientnet_b0, or timm:NAME, "
                            f"hf:REPO, xrv:NAME") from None
+    # ViTs embed positions for one size only; the others pool whatever size they get.
+    if name.startswith(("vit", "swin", "maxvit")) and image_size and image_size != 224:
+        raise EncoderError(f"--image-size {image_size}: torchvision's {name} accepts only 224")
     chosen = None
     if weights.lower() in PRETRAINED:
         chosen = enum.DEFAULT
@@ -300,11 +300,7 @@ def _torchvision(name, *, weights, image_size, layers, pooling) -> Encoder:
                              ignore_prefixes=("fc.", "classifier.", "heads.", "head."))
     if not layers:
         _drop_last_linear(net)
-    # ViTs embed positions for one size only; the others pool whatever size they get.
-    size = image_size or (224 if not name.startswith("vit") else net.image_size)
-    if name.startswith(("vit", "swin", "maxvit")) and image_size and image_size != 224:
-        raise EncoderError(f"--image-size {image_size}: torchvision's {name} accepts only 224")
-    return Encoder(backbone=name, model=PooledLayers(net, layers, pooling), preprocessing=Preprocessing(size),
+    return Encoder(backbone=name, model=PooledLayers(net, layers, pooling), preprocessing=Preprocessing(image_size or 224),
                    layers=layers, blocks=layers or ("pooled",), pooling=pooling, weights=record)
 
 
