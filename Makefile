@@ -19,7 +19,7 @@ test: $(VENV)/installed
 demo: $(VENV)/installed
 	@mkdir -p $(DEMO)
 	@[ -f $(DEMO)/data/train_val_list.txt ] || $(PY) -m extract.synthetic --out $(DEMO)/data --patients 250 --size 512
-	@[ -f $(DEMO)/weights ] || { if $(PY) -W ignore -c "import torch; from extract.backbone import build_backbone; build_backbone('imagenet', device=torch.device('cpu'))" >/dev/null 2>&1; \
+	@[ -f $(DEMO)/weights ] || { if $(PY) -W ignore -c "from extract.encoders import build_encoder; build_encoder('resnet50', weights='pretrained')" >/dev/null 2>&1; \
 	  then echo imagenet > $(DEMO)/weights; \
 	  else echo none > $(DEMO)/weights; fi; }
 	@[ "$$(cat $(DEMO)/weights)" = imagenet ] || echo "demo: ImageNet weights cannot be fetched here, so the demo uses RANDOM backbone weights: the numbers show the pipeline works, not what ResNet50 features can do"

@@ -2,11 +2,12 @@
 
 (a) raw decode: PNG -> gray tensor, one process (the per-worker limit), and with all workers
     in parallel through a DataLoader that does nothing else (the decode-bound limit);
-(b) this kit: `python -m extract`, end to end, in a subprocess (its peak memory measured);
+(b) this kit: `python -m extract`, end to end, in a subprocess (its peak memory measured),
+    in fp32 and in bf16, and the agreement of the two caches' embeddings;
 (c) a naive baseline written the way tutorials do it: PIL open, torchvision transforms per
     image (Resize 256, CenterCrop 224, ToTensor, Normalize), fp32 model, batch 32, no workers.
 
-    python -m benchmarks.bench_extract --images 64
+    python -m benchmarks.bench_extract --images 400     # the README figure
 """
 from __future__ import annotations
 
@@ -19,15 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
 from torchvision import transforms
 
+import cache
 from benchmarks.table import print_table
-from extract import backbone, images
+from extract import encoders, images, pipeline
 from extract.nih import index_images
-from extract.run import collate_by_shape
 from extract.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser("python -m benchmarks.bench_extract", add_help=add_help)
-    parser.add_argument("--images", type=int, default=64, help="synthetic 1024x1024 PNGs to time")
+    parser.add_argument("--images", type=int, default=400, help="synthetic 1024x1024 PNGs to time")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--data-dir", default=None, help="reuse a synthetic set (default: a temporary one)")
@@ -60,31 +62,53 @@ class _DecodeOnly(torch.utils.data.Dataset):
         return index, images.load_gray(self.paths[index]), ""
 
 
+def _stack_decoded(items):
+    """Collate of images of one shape, as the decode-bound ceiling of any pipeline."""
+    return torch.stack([gray for _, gray, _ in items])
+
+
 def decode_bound_rate(paths, *, workers: int, batch_size: int = 64) -> float:
     """Images/s when workers only decode and the main process only collates: the ceiling of
     any pipeline that decodes PNGs with these workers."""
     loader = torch.utils.data.DataLoader(_DecodeOnly(paths), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate_by_shape, prefetch_factor=4 if workers else None)
+                                         collate_fn=_stack_decoded, prefetch_factor=4 if workers else None)
     start = time.perf_counter()
     for _ in loader:
         pass
     return len(paths) / (time.perf_counter() - start)
 
 
-def kit_rate(data_dir, *, device: str, workers: int, split: str = "all") -> tuple[float, float]:
-    """(images/s over the image loop, as the kit's summary reports it; peak RSS in MiB) of
-    `python -m extract` in a fresh process."""
+def kit_run(data_dir, *, device: str, workers: int | None, split: str = "all", precision: str = "auto",
+            extra=()) -> dict:
+    """`python -m extract` in a fresh process: images/s over the image loop (as its summary
+    reports it), peak RSS in MiB, the precision it used and its done rows' features."""
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "extract", "--data-dir", str(data_dir), "--cache", f"{tmp}/c.h5",
-                   "--weights", "none", "--device", device, "--workers", str(workers), "--split", split]
+                   "--weights", "none", "--device", device, "--split", split, "--precision", precision,
+                   *(["--workers", str(workers)] if workers is not None else []), *extra]
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                    env=dict(os.environ, PYTHONPATH=str(REPO)))
         stdout = process.stdout.read()
         _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the largest child so far
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"{' '.join(command)} failed")
-    rate = float(re.search(r"\(([\d.]+) img/s on", stdout).group(1))
-    return rate, usage.ru_maxrss / 1024
+        table = cache.read_table(f"{tmp}/c.h5")
+        features = cache.read_features(f"{tmp}/c.h5", {"done": np.flatnonzero(table["done"])})["done"]
+    found = re.search(r"\(([\d.]+) img/s on .*?, (\w+)\)", stdout)
+    return {"rate": float(found.group(1)), "precision": found.group(2), "peak_mib": usage.ru_maxrss / 1024,
+            "features": features}
+
+
+def kit_rate(data_dir, *, device: str, workers: int | None, split: str = "all") -> tuple[float, float]:
+    """(images/s, peak RSS MiB) of `python -m extract` with its defaults."""
+    run = kit_run(data_dir, device=device, workers=workers, split=split)
+    return run["rate"], run["peak_mib"]
+
+
+def relative_error(features, reference) -> float:
+    """Largest per-row relative L2 difference between two embeddings of the same images."""
+    reference = reference.astype(np.float64)
+    return float((np.linalg.norm(features - reference, axis=1) / np.linalg.norm(reference, axis=1)).max())
 
 
 def naive_rate(paths, *, device: torch.device) -> float:
@@ -105,19 +129,20 @@ def naive_rate(paths, *, device: torch.device) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def model_rate(device: torch.device, *, batch_size: int, image_size: int = 224, repeats: int = 3) -> float:
+def model_rate(device: torch.device, *, batch_size: int, image_size: int = 224, repeats: int = 3,
+               precision: str = "fp32") -> float:
     """Images/s of the kit's backbone alone on ready tensors: the ceiling when the model, not
     decoding, is the bottleneck (always so on a CPU)."""
-    model = backbone.build_backbone("none", device=device)
-    inputs = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(
-        memory_format=torch.channels_last)
-    with torch.inference_mode():
-        model(inputs)
+    encoder = encoders.build_encoder("resnet50", weights="none", image_size=image_size, device=device)
+    inputs = encoder.preprocessing.to_inputs(torch.rand(batch_size, image_size, image_size, device=device))
+    autocast = pipeline.PRECISIONS[precision]
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        encoder.embed(inputs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(repeats):
-            model(inputs)
+            encoder.embed(inputs)
         if device.type == "cuda":
             torch.cuda.synchronize()
     return repeats * batch_size / (time.perf_counter() - start)
@@ -126,31 +151,49 @@ def model_rate(device: torch.device, *, batch_size: int, image_size: int = 224, 
 def run(args) -> list[dict]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    native_bf16 = device.type == "cuda" or encoders.cpu_has_native_bf16()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(args.data_dir or tmp)
         if not index_images(data_dir):
-            patients = max(1, args.images // 2)
-            write_dataset(data_dir, patients=patients, images_per_patient=2, size=1024, seed=0)
+            # 16 distinct images, hard-linked: the same decode cost, written in seconds
+            write_dataset(data_dir, patients=max(1, args.images // 2), images_per_patient=2, size=1024, seed=0,
+                          distinct=16)
         paths = sorted(index_images(data_dir).values())
         one = decode_rate(paths[: min(len(paths), 32)])
         bound = decode_bound_rate(paths, workers=args.workers)
         # Memory must not grow with the dataset: the test split alone (a quarter) against all of it.
-        _, quarter_mib = kit_rate(data_dir, device=device.type, workers=args.workers, split="test")
-        kit, peak_mib = kit_rate(data_dir, device=device.type, workers=args.workers)
+        quarter = kit_run(data_dir, device=device.type, workers=args.workers, split="test", precision="fp32")
+        fp32 = kit_run(data_dir, device=device.type, workers=args.workers, precision="fp32")
+        # Emulated bf16 (no native units) runs several times slower: time it on the quarter only.
+        bf16 = kit_run(data_dir, device=device.type, workers=args.workers, precision="bf16",
+                       split="all" if native_bf16 else "test")
         naive = naive_rate(paths, device=device)
         model_only = model_rate(device, batch_size=64 if device.type == "cpu" else 256)
+    default = pipeline.resolve_precision("auto", device)
+    kit = {"fp32": fp32, "bf16": bf16}[default]
     where = f"{len(paths)} synthetic 1024x1024 PNGs, {device.type}, {args.workers} workers"
-    return [
+    native = "native bf16" if native_bf16 else "no native bf16 here: emulated, timed on the test quarter"
+    rows = [
         {"stage": "extract", "measure": "decode, 1 process", "value": f"{one:.1f} img/s", "note": where},
         {"stage": "extract", "measure": "decode-bound limit", "value": f"{bound:.1f} img/s", "note": "workers decode only"},
         {"stage": "extract", "measure": "naive tutorial pipeline", "value": f"{naive:.1f} img/s",
          "note": "PIL+transforms per image, fp32, batch 32"},
-        {"stage": "extract", "measure": f"model alone ({device.type})", "value": f"{model_only:.1f} img/s",
-         "note": "the kit's backbone on ready tensors: the ceiling where the model is the bottleneck"},
-        {"stage": "extract", "measure": "this kit (python -m extract)", "value": f"{kit:.1f} img/s",
-         "note": f"{kit / naive:.2f}x naive, {kit / bound:.0%} of decode-bound, {kit / model_only:.0%} of model-bound; "
-                 f"peak RSS {peak_mib:.0f} MiB ({quarter_mib:.0f} MiB for a quarter of the images)"},
+        {"stage": "extract", "measure": f"model alone ({device.type}, fp32)", "value": f"{model_only:.1f} img/s",
+         "note": "the kit's encoder on ready tensors: the ceiling where the model is the bottleneck"},
     ]
+    for name, result in (("fp32", fp32), ("bf16", bf16)):
+        rows.append({"stage": "extract", "measure": f"this kit, --precision {name}", "value": f"{result['rate']:.1f} img/s",
+                     "note": f"{result['rate'] / naive:.2f}x naive" + (f"; {native}" if name == "bf16" else "")})
+    rows += [
+        {"stage": "extract", "measure": f"this kit, defaults ({default} here)", "value": f"{kit['rate']:.1f} img/s",
+         "note": f"{kit['rate'] / naive:.2f}x naive, {kit['rate'] / bound:.0%} of decode-bound, "
+                 f"{kit['rate'] / model_only:.0%} of model-bound; peak RSS {kit['peak_mib']:.0f} MiB "
+                 f"({quarter['peak_mib']:.0f} MiB for a quarter of the images)"},
+        {"stage": "extract", "measure": "bf16 vs fp32 embeddings",
+         "value": f"{relative_error(bf16['features'], (fp32 if native_bf16 else quarter)['features']):.2%}",
+         "note": "max relative L2 difference per image, the same images through both caches (float16 storage)"},
+    ]
+    return rows
 
 
 def main(args) -> int:

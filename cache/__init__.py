@@ -57,7 +57,7 @@ from cache.store import (
     read_table,
 )
 
-DEFAULT_CACHE = "outputs/cache/features.h5"
+DEFAULT_CACHE = "outputs/cache/resnet50-224.h5"  
 
 __all__ = [
     "CLASSES",

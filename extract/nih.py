@@ -109,9 +109,10 @@ def read_split_list(path) -> list[str]:
     return ids
 
 
-def official_splits(table: pd.DataFrame, *, data_dir, val_fraction: float, seed: int) -> np.ndarray:
-    """test from test_list.txt; train/val by patient from train_val_list.txt. Rows listed in
-    neither are marked "" (the caller drops them)."""
+def official_splits(table: pd.DataFrame, *, data_dir, val_fraction: float, seed: int, val_list=None) -> np.ndarray:
+    """test from test_list.txt; train/val by patient from train_val_list.txt, or val exactly
+    the ids of `val_list` (a published split). Rows listed in neither are marked "" (the
+    caller drops them)."""
     train_val = set(read_split_list(Path(data_dir) / TRAIN_VAL_LIST))
     test = set(read_split_list(Path(data_dir) / TEST_LIST))
     both = train_val & test
@@ -124,11 +125,37 @@ def official_splits(table: pd.DataFrame, *, data_dir, val_fraction: float, seed:
     split = np.full(len(table), "", dtype=object)
     split[table["image_id"].isin(test).to_numpy()] = TEST
     in_train_val = table["image_id"].isin(train_val).to_numpy()
-    val_patients = _choose_patients(table["patient_id"][in_train_val], val_fraction, seed)
-    is_val = table["patient_id"].isin(val_patients).to_numpy()
+    if val_list is not None:
+        is_val = _val_from_list(table, val_list, train_val=train_val, test=test)
+    else:
+        val_patients = _choose_patients(table["patient_id"][in_train_val], val_fraction, seed)
+        is_val = table["patient_id"].isin(val_patients).to_numpy()
     split[in_train_val & is_val] = VAL
     split[in_train_val & ~is_val] = TRAIN
     return split
+
+
+def _val_from_list(table: pd.DataFrame, val_list, *, train_val: set, test: set) -> np.ndarray:
+    """Rows named by the val list; refused if it names a test image or splits a patient."""
+    wanted = read_split_list(val_list)
+    in_test = sorted(set(wanted) & test)
+    if in_test:
+        raise DatasetError(f"--val-list {val_list}: {len(in_test)} ids are official test images "
+                           f"(e.g. {in_test[0]}); a val split must come from train_val_list.txt")
+    outside = sorted(set(wanted) - train_val)
+    if outside:
+        raise DatasetError(f"--val-list {val_list}: {len(outside)} ids are not in train_val_list.txt "
+                           f"(e.g. {outside[0]})")
+    is_val = table["image_id"].isin(set(wanted)).to_numpy()
+    in_train_val = table["image_id"].isin(train_val).to_numpy()
+    val_patients = set(table["patient_id"][is_val])
+    train_patients = set(table["patient_id"][in_train_val & ~is_val])
+    spanning = sorted(val_patients & train_patients)
+    if spanning:
+        raise DatasetError(f"--val-list {val_list}: {len(spanning)} patients have images in both val and "
+                           f"train (patients {', '.join(map(str, spanning[:5]))}{' ...' if len(spanning) > 5 else ''}); "
+                           f"a val list must hold all of a patient's train_val images or none")
+    return is_val
 
 
 def random_splits(table: pd.DataFrame, *, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
@@ -190,8 +217,9 @@ def file_sha256(*paths) -> str:
 
 
 def load_dataset(data_dir, *, val_fraction: float, seed: int, random_split: bool = False,
-                 labels_csv=None) -> tuple[dict, dict]:
-    """The cache's row table (image_id, patient_id, labels, split) and its provenance."""
+                 labels_csv=None, val_list=None) -> tuple[dict, dict]:
+    """The cache's row table (image_id, patient_id, labels, split) and its provenance.
+    `val_list`: a file of image ids that is the val split (instead of the seeded one)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DatasetError(f"--data-dir {data_dir} is not a folder")
@@ -200,11 +228,15 @@ def load_dataset(data_dir, *, val_fraction: float, seed: int, random_split: bool
     labels = table.attrs["labels"]
     lists = [data_dir / TRAIN_VAL_LIST, data_dir / TEST_LIST]
     if random_split and not all(p.exists() for p in lists):
+        if val_list is not None:
+            raise DatasetError(f"--val-list {val_list} needs the official split lists in {data_dir}")
         split = random_splits(table, val_fraction=val_fraction, test_fraction=0.2, seed=seed)
         source, lists_hash = "random patient-wise (test 0.2)", ""
     else:
-        split = official_splits(table, data_dir=data_dir, val_fraction=val_fraction, seed=seed)
+        split = official_splits(table, data_dir=data_dir, val_fraction=val_fraction, seed=seed, val_list=val_list)
         source, lists_hash = "official lists", file_sha256(*lists)
+        if val_list is not None:
+            source, lists_hash = f"official lists, val from {Path(val_list).name}", file_sha256(*lists, val_list)
     keep = split != ""
     rows = {"image_id": table["image_id"].to_numpy()[keep], "patient_id": table["patient_id"].to_numpy()[keep],
             "labels": labels[keep], "split": split[keep]}

@@ -1,19 +1,21 @@
-"""`python -m extract`: every image through the frozen backbone once, into the HDF5 cache.
+"""`python -m extract`: every image through a frozen encoder once, into the HDF5 cache.
 
 Resumable (rows already done are skipped), crash-safe (see `cache`), and shardable with
 `torchrun --nproc-per-node K -m extract ...`: rank r embeds rows r, r+K, r+2K, ... of what is
-left to do, writes its own part files, and rank 0 merges them into the one cache.
+left to do, writes its own part files, and rank 0 merges them into the one cache. The
+pipeline lives in `extract.pipeline`, the encoders in `extract.encoders`; this module is the
+command line and the orchestration.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import math
 import os
 import sys
 import time
 import warnings
-from collections import defaultdict
 
 import h5py
 import numpy as np
@@ -25,38 +27,82 @@ from tqdm import tqdm
 import cache
 from cache.runtime import DeviceUnavailable, resolve_device, versions
 from cache.schema import SPLITS
-from extract import backbone, images, nih
+from cache.store import safe_text
+from extract import encoders, nih, pipeline
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line naming it and its allowed range, exit 2, before any work."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def bounded(kind, *, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: `kind` within [low, high] (or open ends), finite."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if (kind is float and not math.isfinite(value)) or too_low or too_high:
+            left = "(" if low_open else "["
+            right = ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {left}{low if low is not None else '-inf'}, "
+                                             f"{high if high is not None else 'inf'}{right}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser("python -m extract", add_help=add_help,
-                                     description="Embed NIH ChestX-ray14 images into the feature cache.")
+    parser = OneLineParser("python -m extract", add_help=add_help,
+                           description="Embed NIH ChestX-ray14 images into the feature cache.")
     parser.add_argument("--data-dir", required=True, help="the NIH download: label CSV, split lists, PNGs")
     parser.add_argument("--split", default="all", choices=["all", *SPLITS],
                         help="which rows to fill (default: all)")
-    parser.add_argument("--cache", default=cache.DEFAULT_CACHE, help="the HDF5 cache to create or resume")
-    parser.add_argument("--weights", default="imagenet",
-                        help="imagenet (=IMAGENET1K_V2), IMAGENET1K_V1, a state-dict PATH, or none (tests)")
-    parser.add_argument("--image-size", type=int, default=224, help="side of the resized square input")
+    parser.add_argument("--cache", default=None,
+                        help="the HDF5 cache to create or resume (default: outputs/cache/<backbone>-<size>[-<layers>].h5)")
+    parser.add_argument("--backbone", default=encoders.DEFAULT_BACKBONE,
+                        help="a torchvision model (resnet50, densenet121, convnext_tiny, vit_b_16, ...), "
+                             "timm:NAME, hf:REPO_OR_DIR or xrv:NAME (see README, Encoders)")
+    parser.add_argument("--weights", default="pretrained",
+                        help="pretrained (the family's own; `imagenet` is an alias), a torchvision weights name "
+                             "(IMAGENET1K_V1), a local file or folder, or none (seeded random, tests only)")
+    parser.add_argument("--layers", default=None,
+                        help="pooled features of these blocks, concatenated: module names (layer3,layer4 for "
+                             "ResNets) or last:K for hf: ViTs (CLS of the last K blocks); default: the pooled output")
+    parser.add_argument("--pooling", default="cls", choices=encoders.POOLINGS,
+                        help="token pooling of transformer outputs: the CLS token, the patch-token mean, or both")
+    parser.add_argument("--image-size", type=bounded(int, low=32, high=4096), default=None,
+                        help="side of the resized square input, 32..4096 (default: the encoder's own, 224 for resnet50)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
-                        help="autocast precision; auto: bf16 on CUDA, fp32 on CPU (fastest measured there)")
+    parser.add_argument("--precision", default="auto", choices=["auto", *pipeline.PRECISIONS],
+                        help="autocast precision; auto: bf16 on CUDA and on CPUs with native bf16 "
+                             "(AVX512-BF16/AMX), fp32 elsewhere")
     parser.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"],
                         help="how features are stored (float16 halves the file, ~1e-3 relative error)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 64 on CPU")
-    parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="fraction of train_val_list.txt patients held out for validation")
+    parser.add_argument("--batch-size", type=bounded(int, low=1, high=65536), default=None,
+                        help="model batch, >= 1 (default: 256 on CUDA, 64 on CPU)")
+    parser.add_argument("--workers", type=bounded(int, low=0, high=256), default=None,
+                        help=f"decoding processes, 0 = decode in the main process (default: one per core, "
+                             f"at most {pipeline.MAX_WORKERS}); fewer may run to keep decoded images in flight "
+                             f"under {pipeline.SHARED_MEMORY_BUDGET >> 20} MB of shared memory")
+    parser.add_argument("--val-fraction", type=bounded(float, low=0, high=1, low_open=True, high_open=True),
+                        default=0.1, help="fraction of train_val_list.txt patients held out for validation, 0<f<1")
+    parser.add_argument("--val-list", default=None,
+                        help="take val from this list of image ids (a published split of train_val_list.txt) "
+                             "instead of the seeded patient split")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the patient-wise val split")
     parser.add_argument("--random-split", action="store_true",
                         help="without official split lists, fall back to a seeded patient-wise split")
     parser.add_argument("--labels-csv", default=None, help="label CSV, if not in --data-dir")
-    parser.add_argument("--part-rows", type=int, default=1024,
-                        help="rows per part file: at most this much work is redone after a kill")
-    parser.add_argument("--merge-every", type=int, default=20000,
-                        help="merge part files into the cache every this many rows")
+    parser.add_argument("--part-rows", type=bounded(int, low=1), default=1024,
+                        help="rows per part file, >= 1: at most this much work is redone after a kill")
+    parser.add_argument("--merge-every", type=bounded(int, low=0), default=20000,
+                        help="merge part files into the cache every this many rows (0: only at the end)")
     return parser
 
 
@@ -67,7 +113,10 @@ class SettingsMismatch(Exception):
 def main(args) -> int:
     try:
         return _extract(args)
-    except (nih.DatasetError, backbone.WeightsError, cache.CacheError, SettingsMismatch, DeviceUnavailable) as err:
+    except cache.DiskFull as err:  # the work is saved; the run could not finish here: exit 1, not 2
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (nih.DatasetError, encoders.EncoderError, cache.CacheError, SettingsMismatch, DeviceUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -78,45 +127,69 @@ def main(args) -> int:
 def _extract(args) -> int:
     ranks = Ranks.from_env()
     device = resolve_device(args.device, local_rank=ranks.local_rank)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = pipeline.resolve_precision(args.precision, device)
     table, provenance = nih.load_dataset(args.data_dir, val_fraction=args.val_fraction,
                                          seed=args.split_seed, random_split=args.random_split,
-                                         labels_csv=args.labels_csv)
-    settings = cache_settings(args, provenance=provenance, precision=precision)
+                                         labels_csv=args.labels_csv, val_list=args.val_list)
+    encoder = build_encoder(args, device=device, quiet=ranks.rank != 0)
+    cache_path = args.cache or encoders.default_cache_path(encoder.backbone, image_size=encoder.preprocessing.size,
+                                                           layers=encoders.parse_layers(args.layers))
+    settings = cache_settings(args, encoder=encoder, provenance=provenance, precision=precision)
     with contextlib.ExitStack() as held:
         def lock_and_prepare():  # rank 0 only; a failure here stops every rank
-            held.enter_context(cache.exclusive_lock(args.cache))
-            prepare_cache(args.cache, table=table, settings=settings)
+            held.enter_context(cache.exclusive_lock(cache_path))
+            prepare_cache(cache_path, table=table, settings=settings)
 
         ranks.run_on_rank0_first(lock_and_prepare)
-        stored = cache.read_table(args.cache)
+        stored = cache.read_table(cache_path)
         rows = rows_to_do(stored, args.split)[ranks.rank::ranks.world]
-        stats = embed_rows(args, rows=rows, image_ids=stored["image_id"], device=device, precision=precision,
-                           fingerprint=cache.read_attrs(args.cache)["fingerprint"], ranks=ranks)
+        stats = embed_rows(args, cache_path=cache_path, encoder=encoder, rows=rows, image_ids=stored["image_id"],
+                           device=device, precision=precision,
+                           fingerprint=cache.read_attrs(cache_path)["fingerprint"], ranks=ranks)
         stats = ranks.combine(stats)
         if ranks.rank != 0:
             return 0
-        cache.merge_parts(args.cache)
-    return print_summary(args, stats)
+        cache.merge_parts(cache_path)
+    return print_summary(cache_path, stats, warning=encoder.warning)
 
 
+def build_encoder(args, *, device, quiet: bool = False) -> encoders.Encoder:
+    """The encoder the flags name; its warning (e.g. torchxrayvision's test contamination)
+    printed loudly on rank 0."""
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        encoder = encoders.build_encoder(args.backbone, weights=args.weights, image_size=args.image_size,
+                                         layers=encoders.parse_layers(args.layers), pooling=args.pooling,
+                                         device=device)
+    if encoder.warning and not quiet:
+        print(f"\n{'!' * 78}\nWARNING: {encoder.warning}\n{'!' * 78}\n", file=sys.stderr)
+    return encoder
 
 
-def cache_settings(args, *, provenance: dict, precision: str) -> dict:
-    mean, std = backbone.normalization(args.weights)
+def cache_settings(args, *, encoder: encoders.Encoder, provenance: dict, precision: str) -> dict:
     return {
         **provenance,
-        **backbone.describe_weights(args.weights),
-        "backbone": backbone.BACKBONE,
-        "image_size": int(args.image_size),
+        **encoder.weights,
+        "backbone": encoder.backbone,
+        "image_size": int(encoder.preprocessing.size),
         "precision": precision,
-        "preprocessing": images.preprocessing_record(image_size=args.image_size, mean=mean, std=std),
+        "preprocessing": encoder.recipe(),
         "feature_dtype": args.feature_dtype,
-        "feature_dim": backbone.FEATURE_DIM,
+        "feature_dim": encoder.feature_dim,
+        "encoder_warning": encoder.warning,
         "schema_version": cache.SCHEMA_VERSION,
-        "versions": versions(torchvision=torchvision.__version__, h5py=h5py.__version__),
+        "versions": versions(torchvision=torchvision.__version__, h5py=h5py.__version__, **_extra_versions()),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _extra_versions() -> dict:
+    found = {}
+    for module in ("timm", "transformers", "torchxrayvision"):
+        if module in sys.modules:
+            found[module] = getattr(sys.modules[module], "__version__", "?")
+    return found
 
 
 def prepare_cache(path, *, table: dict, settings: dict) -> None:
@@ -130,7 +203,7 @@ def prepare_cache(path, *, table: dict, settings: dict) -> None:
     differences = [
         f"{key}: cache has {stored.get(key)!r}, this run asks {settings[key]!r}"
         for key in cache.FINGERPRINT_KEYS
-        if _comparable(stored.get(key)) != _comparable(settings[key])
+        if key in settings and _comparable(stored.get(key)) != _comparable(settings[key])
     ]
     if differences:
         raise SettingsMismatch(
@@ -142,6 +215,8 @@ def prepare_cache(path, *, table: dict, settings: dict) -> None:
 
 
 def _comparable(value):
+    if isinstance(value, dict):
+        return {key: _comparable(v) for key, v in value.items()}
     return [_comparable(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
@@ -151,97 +226,32 @@ def rows_to_do(table: dict, split: str) -> np.ndarray:
     return np.flatnonzero(wanted & ~table["done"])
 
 
-# ---------------------------------------------------------------------------------------------
-# The pipeline: DataLoader workers decode, the model device resizes and embeds.
-
-
-class ImageRows(torch.utils.data.Dataset):
-    """Decodes one cache row's image. Failures are returned, not raised, so that one bad file
-    never stops a run. `resize_to` resizes in the worker (CPU runs); None leaves it to the GPU."""
-
-    def __init__(self, rows, paths, resize_to):
-        self.rows, self.paths, self.resize_to = rows, paths, resize_to
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        row, path = int(self.rows[index]), self.paths[index]
-        if path is None:
-            return row, None, "image file not found under --data-dir"
-        try:
-            gray = images.load_gray(path)
-        except images.ImageError as err:
-            return row, None, str(err)
-        if self.resize_to:
-            gray = images.resize_gray(gray, self.resize_to)
-        return row, gray, ""
-
-
-def collate_by_shape(items):
-    """Stack images of equal shape (nearly always all of them), so that each group is one
-    pinned tensor and one host-to-device copy."""
-    rows, failed, members = [], [], defaultdict(list)
-    for row, gray, reason in items:
-        if gray is None:
-            failed.append((row, reason))
-            continue
-        members[tuple(gray.shape)].append((len(rows), gray))
-        rows.append(row)
-    groups = [(torch.tensor([position for position, _ in group]), torch.stack([gray for _, gray in group]))
-              for group in members.values()]
-    return {"rows": torch.tensor(rows, dtype=torch.long), "groups": groups, "failed": failed}
-
-
-def embed_batch(model, batch, *, image_size, mean, std, device, precision) -> torch.Tensor:
-    """(B, D) float32 features on the CPU, in the order of batch["rows"]."""
-    gray = torch.empty(len(batch["rows"]), image_size, image_size, device=device)
-    for positions, stacked in batch["groups"]:
-        stacked = stacked.to(device, non_blocking=True)
-        if stacked.dtype == torch.uint8:
-            stacked = images.resize_gray(stacked, image_size)
-        gray[positions.to(device)] = stacked
-    inputs = images.normalize(gray, mean, std)
-    autocast = PRECISIONS[precision]
-    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        return model(inputs).float().cpu()
-
-
-def embed_rows(args, *, rows, image_ids, device, precision, fingerprint, ranks) -> dict:
+def embed_rows(args, *, cache_path, encoder, rows, image_ids, device, precision, fingerprint, ranks) -> dict:
     """Embed `rows` of the cache, writing part files as it goes; returns counts and timing."""
     found = nih.index_images(args.data_dir)
     if len(rows) and not found:
         raise nih.DatasetError(f"no PNG images under {args.data_dir}: expected images/ or images_001/images/ ...")
     paths = [found.get(image_ids[row]) for row in rows]
     cuda = device.type == "cuda"
-    workers = args.workers if args.workers is not None else min(os.cpu_count() or 1, 16)
-    loader = torch.utils.data.DataLoader(
-        ImageRows(rows, paths, resize_to=None if cuda else args.image_size),
-        batch_size=args.batch_size or (256 if cuda else 64), num_workers=workers,
-        collate_fn=collate_by_shape, pin_memory=cuda, persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-    )
-    with warnings.catch_warnings():
-        if args.weights.lower() == "none" and ranks.rank != 0:
-            warnings.simplefilter("ignore")
-        model = backbone.build_backbone(args.weights, device=device)
-    mean, std = backbone.normalization(args.weights)
-    sink = PartSink(args.cache, fingerprint=fingerprint, feature_dtype=args.feature_dtype, tag=f"r{ranks.rank}",
+    model_batches = pipeline.batches(
+        rows, paths, encoder=encoder, batch_size=args.batch_size or (256 if cuda else 64),
+        workers=args.workers if args.workers is not None else pipeline.default_workers(), pin_memory=cuda)
+    sink = PartSink(cache_path, fingerprint=fingerprint, feature_dtype=args.feature_dtype, tag=f"r{ranks.rank}",
                     part_rows=args.part_rows, merge_every=args.merge_every if ranks.rank == 0 else 0)
     start = time.perf_counter()
     progress = tqdm(total=len(rows), unit="img", desc=f"extract[{ranks.rank}]" if ranks.world > 1 else "extract",
                     dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     try:
-        for batch in loader:
-            features = embed_batch(model, batch, image_size=args.image_size, mean=mean, std=std,
-                                   device=device, precision=precision) if len(batch["rows"]) else None
+        for batch in model_batches:
+            features = pipeline.embed_batch(encoder, batch, device=device, precision=precision) \
+                if len(batch["rows"]) else None
             sink.add(batch["rows"].numpy(), features, batch["failed"])
             progress.update(len(batch["rows"]) + len(batch["failed"]))
     finally:
         sink.flush()
         progress.close()
     return {"done": sink.done, "failed": sink.failed, "seconds": time.perf_counter() - start,
-            "device": str(device), "precision": precision}
+            "device": str(device), "precision": precision, "merges": sink.merges}
 
 
 class PartSink:
@@ -252,7 +262,7 @@ class PartSink:
         self.feature_dtype = feature_dtype
         self.writer = cache.PartWriter(cache_path, fingerprint=fingerprint, tag=tag)
         self.rows, self.features, self.failed_buffer = [], [], []
-        self.done, self.failed, self.since_merge = 0, [], 0
+        self.done, self.failed, self.since_merge, self.merges = 0, [], 0, 0
 
     def add(self, rows, features, failed) -> None:
         if len(rows):
@@ -268,32 +278,37 @@ class PartSink:
         rows = np.concatenate(self.rows) if self.rows else np.zeros(0, np.int64)
         features = np.concatenate(self.features) if self.features else np.zeros((0, 0), np.float32)
         features = features.astype(self.feature_dtype)
-        self.writer.write(rows=rows, features=features,
-                          failed_rows=[row for row, _ in self.failed_buffer],
-                          failed_reasons=[reason for _, reason in self.failed_buffer])
-        self.done += len(rows)
-        self.failed += self.failed_buffer
+        # The writer turns non-finite embeddings into failed rows; count them as failures.
+        non_finite = self.writer.write(rows=rows, features=features,
+                                       failed_rows=[row for row, _ in self.failed_buffer],
+                                       failed_reasons=[reason for _, reason in self.failed_buffer])
+        self.done += len(rows) - len(non_finite)
+        self.failed += self.failed_buffer + non_finite
         self.since_merge += len(rows) + len(self.failed_buffer)
         self.rows, self.features, self.failed_buffer = [], [], []
         if self.merge_every and self.since_merge >= self.merge_every:
             cache.merge_parts(self.cache_path)
             self.since_merge = 0
+            self.merges += 1
 
 
-def print_summary(args, stats) -> int:
-    table = cache.read_table(args.cache)
+def print_summary(cache_path, stats, *, warning: str = "") -> int:
+    table = cache.read_table(cache_path)
     rate = stats["done"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
     print(f"\nextracted {stats['done']} images in {stats['seconds']:.1f}s ({rate:.1f} img/s on "
-          f"{stats['device']}, {stats['precision']}); {len(stats['failed'])} failed")
+          f"{stats['device']}, {stats['precision']}); {len(stats['failed'])} failed; "
+          f"{stats['merges']} merges during the run")
     for split in SPLITS:
         in_split = table["split"] == split
         print(f"  {split:<5} {int((in_split & table['done']).sum()):>7} / {int(in_split.sum()):>7} rows done")
-    print(f"cache: {os.path.abspath(args.cache)}")
+    print(f"cache: {os.path.abspath(cache_path)}")
+    if warning:
+        print(f"WARNING: {warning}")
     if stats["failed"]:
         print(f"\n{len(stats['failed'])} images could not be embedded (their rows stay not done; "
               f"fix the files and rerun to fill them):")
         for row, reason in sorted(stats["failed"]):
-            print(f"  {table['image_id'][row]}: {reason}")
+            print(f"  {table['image_id'][row]}: {safe_text(reason)}")  # a non-UTF-8 path prints escaped
         return 1
     return 0
 

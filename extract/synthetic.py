@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from extract.nih import CLASSES, NO_FINDING
+from cache.schema import CLASSES
+from extract.nih import NO_FINDING
 
 PREVALENCE = 0.15  # per class, independently: about 10% of images have no finding
 # Like NIH's text-mined labels, the planted signal disagrees with the label now and then,

@@ -1,13 +1,14 @@
 """`python -m heads.predict --run DIR IMAGE_OR_FOLDER...`: score new images with a trained head.
 
-The images go through the same backbone, weights, preprocessing and precision that made the
-run's cache (read from the run's config.json), then the head; the 14 probabilities per image
-go to a CSV.
+The images go through the same encoder, weights, preprocessing, layers and precision that
+made the run's cache (read from the run's config.json), then the head; the 14 probabilities
+per image go to a CSV (default under outputs/predictions/).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,50 +29,63 @@ def get_args_parser(add_help=True):
                                      description="Score PNG images with a trained head.")
     parser.add_argument("--run", required=True, help="a run directory written by heads.train or search")
     parser.add_argument("images", nargs="+", help="PNG files, or folders of them")
-    parser.add_argument("--out", default="predictions.csv", help="CSV to write")
+    parser.add_argument("--out", default=None, help="CSV to write (default: outputs/predictions/<run name>.csv)")
     parser.add_argument("--weights", default=None,
-                        help="the backbone state dict, when the cache was made from a local file")
+                        help="the encoder weights file or folder, when the cache was made from local weights")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=32)
     return parser
 
 
 def main(args) -> int:
+    from extract.encoders import EncoderError  # torchvision is needed here, not for training heads
+    out = Path(args.out) if args.out else Path("outputs") / "predictions" / f"{Path(args.run).name}.csv"
     try:
-        failed = predict(run_dir=Path(args.run), inputs=args.images, out=args.out, weights_path=args.weights,
+        failed = predict(run_dir=Path(args.run), inputs=args.images, out=out, weights_path=args.weights,
                          device=resolve_device(args.device), batch_size=args.batch_size)
-    except (PredictError, DeviceUnavailable) as err:
+    except (PredictError, DeviceUnavailable, EncoderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for image, reason in failed:
-        print(f"not scored: {image}: {reason}", file=sys.stderr)
+        print(f"not scored: {printable(image)}: {reason}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def backbone_spec(attrs: dict, weights_path) -> str:
-    """The --weights value that rebuilds the cache's backbone, checked against its record."""
-    from extract import backbone
+def printable(path) -> str:
+    """A file name as text that any terminal and the UTF-8 CSV can hold: bytes that are not
+    UTF-8 (Linux allows them in names) appear as \\xNN escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def weights_spec(attrs: dict, weights_path) -> str:
+    """The --weights value that rebuilds the cache's encoder, checked against its record."""
+    from extract import encoders
     recorded = attrs["weights"]
     if recorded.startswith("torchvision:"):
         return recorded.split(":", 1)[1]
     if recorded.startswith("random("):
         return "none"
+    if not recorded.startswith("file:"):
+        return "pretrained"
     if weights_path is None:
         raise PredictError(f"the cache was made with local weights {recorded!r}; pass that file with --weights PATH")
-    if backbone.describe_weights(str(weights_path))["weights_sha256"] != attrs["weights_sha256"]:
+    spec = str(weights_path)
+    if encoders.describe_local_weights(spec)["weights_sha256"] != attrs["weights_sha256"]:
         raise PredictError(f"--weights {weights_path} is not the file the cache was made with (sha256 differs)")
-    return str(weights_path)
+    return spec
 
 
-def check_reproducible(attrs: dict) -> None:
-    from extract import backbone, images
-    if attrs["backbone"] != backbone.BACKBONE:
-        raise PredictError(f"the cache was made with backbone {attrs['backbone']!r}; this version has {backbone.BACKBONE}")
-    mean, std = backbone.normalization("")
-    current = images.preprocessing_record(image_size=attrs["image_size"], mean=mean, std=std)
-    if current != attrs["preprocessing"]:
-        raise PredictError(f"the cache's preprocessing {attrs['preprocessing']} differs from this version's "
-                           f"{current}; re-extract, or predict with the version that made the cache")
+def build_encoder(attrs: dict, weights_path, *, device):
+    """The encoder that made the cache, refused if it would not prepare images the same way."""
+    from extract import encoders
+    recipe = attrs["preprocessing"]
+    encoder = encoders.build_encoder(attrs["backbone"], weights=weights_spec(attrs, weights_path),
+                                     image_size=attrs["image_size"], layers=tuple(recipe.get("layers", ())),
+                                     pooling=recipe.get("pooling", "cls"), device=device)
+    if encoder.recipe() != recipe:
+        raise PredictError(f"the cache's preprocessing {recipe} differs from this version's {encoder.recipe()}; "
+                           f"re-extract, or predict with the version that made the cache")
+    return encoder
 
 
 def list_images(inputs) -> list[Path]:
@@ -82,34 +96,26 @@ def list_images(inputs) -> list[Path]:
         else:
             paths.append(item)
     if not paths:
-        raise PredictError(f"no PNG images in {list(inputs)}")
+        raise PredictError(f"no PNG images in {[printable(i) for i in inputs]}")
     return paths
 
 
 def predict(*, run_dir: Path, inputs, out, weights_path, device, batch_size) -> list:
     """Write the CSV; returns [(image, reason)] for images that could not be scored."""
-    from extract import backbone  # torchvision is needed here, not for training heads
-    from extract.run import ImageRows, collate_by_shape, embed_batch
+    from extract import pipeline
 
     if not (run_dir / "head.pt").exists() or not (run_dir / "config.json").exists():
         raise PredictError(f"{run_dir} is not a head run directory (needs head.pt and config.json)")
     attrs = json.loads((run_dir / "config.json").read_text())["cache_attrs"]
-    check_reproducible(attrs)
-    spec = backbone_spec(attrs, weights_path)
+    encoder = build_encoder(attrs, weights_path, device=device)
     head, checkpoint = load_head(run_dir / "head.pt", device=device)
-    model = backbone.build_backbone(spec, device=device)
     paths = list_images(inputs)
-    resize_to = None if device.type == "cuda" else attrs["image_size"]
-    loader = torch.utils.data.DataLoader(ImageRows(np.arange(len(paths)), paths, resize_to), batch_size=batch_size,
-                                         collate_fn=collate_by_shape)
-    mean, std = attrs["preprocessing"]["normalize_mean"], attrs["preprocessing"]["normalize_std"]
     scored, probabilities, failed = [], [], []
-    for batch in loader:
+    for batch in pipeline.batches(np.arange(len(paths)), paths, encoder=encoder, batch_size=batch_size, workers=0):
         failed += [(paths[row], reason) for row, reason in batch["failed"]]
         if not len(batch["rows"]):
             continue
-        features = embed_batch(model, batch, image_size=attrs["image_size"], mean=mean, std=std, device=device,
-                               precision=attrs["precision"])
+        features = pipeline.embed_batch(encoder, batch, device=device, precision=attrs["precision"])
         # Round as the cache stored them, then standardize as the head was trained.
         features = features.to(getattr(torch, attrs["feature_dtype"])).float()
         features = ((features - checkpoint["feature_mean"]) / checkpoint["feature_std"]).to(device)
@@ -118,7 +124,8 @@ def predict(*, run_dir: Path, inputs, out, weights_path, device, batch_size) -> 
         scored += [paths[row] for row in batch["rows"].tolist()]
     frame = pd.DataFrame(np.concatenate(probabilities) if probabilities else np.zeros((0, len(checkpoint["classes"]))),
                          columns=[f"prob_{c}" for c in checkpoint["classes"]])
-    frame.insert(0, "image", [str(p) for p in scored])
+    frame.insert(0, "image", [printable(p) for p in scored])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False, float_format="%.6f")
     print(f"scored {len(scored)} images ({len(failed)} failed) with {run_dir}; wrote {out}")
     return failed

@@ -12,8 +12,9 @@ import torch
 import torchvision
 
 import cache
-from conftest import REPO, TINY, call_main
-from extract import backbone
+from conftest import REPO, TINY, call_main, run_cli
+from extract import encoders, pipeline
+from extract.run import get_args_parser
 from extract.synthetic import write_dataset
 
 
@@ -37,8 +38,10 @@ def test_extract_fills_every_row_with_finite_features(extracted_cache, synthetic
 def test_summary_and_rerun_does_nothing(extracted_cache, synthetic_dir, tmp_path):
     copy = tmp_path / "copy.h5"
     shutil.copy(extracted_cache, copy)
+    before = (copy.read_bytes(), copy.stat().st_mtime_ns)
     result = call_main("extract", "--data-dir", synthetic_dir, "--cache", copy, *TINY, check_rc=0)
     assert "extracted 0 images" in result.stdout and "train" in result.stdout
+    assert (copy.read_bytes(), copy.stat().st_mtime_ns) == before  # not even rewritten
 
 
 def test_bad_images_are_recorded_and_the_run_goes_on(synthetic_dir, tmp_path):
@@ -114,21 +117,22 @@ def test_local_weights_file_is_loaded_and_recorded(synthetic_dir, tmp_path):
     state = torchvision.models.resnet50(weights=None).state_dict()
     weights = tmp_path / "resnet50-test.pth"
     torch.save(state, weights)
-    model = backbone.build_backbone(str(weights), device=torch.device("cpu"))
+    model = encoders.build_encoder("resnet50", weights=str(weights))
     reference = torchvision.models.resnet50(weights=None)
     reference.load_state_dict(state)
     reference.fc = torch.nn.Identity()
     inputs = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():  # BatchNorm folded into the convolutions: the same function
-        torch.testing.assert_close(model(inputs), reference.eval()(inputs), rtol=1e-4, atol=1e-4)
-    record = backbone.describe_weights(str(weights))
+        torch.testing.assert_close(model.embed(inputs), reference.eval()(inputs), rtol=1e-4, atol=1e-4)
+    record = model.weights
     assert record["weights"] == "file:resnet50-test.pth" and len(record["weights_sha256"]) == 64
     torch.save({"conv1.weight": state["conv1.weight"]}, tmp_path / "partial.pth")
-    with pytest.raises(backbone.WeightsError, match="not a ResNet50 state dict"):
-        backbone.build_backbone(str(tmp_path / "partial.pth"), device=torch.device("cpu"))
+    with pytest.raises(encoders.EncoderError, match="not a resnet50 state dict"):
+        encoders.build_encoder("resnet50", weights=str(tmp_path / "partial.pth"))
     result = call_main("extract", "--data-dir", synthetic_dir, "--cache", tmp_path / "c.h5",
                      "--weights", tmp_path / "missing.pth", "--device", "cpu")
     assert result.returncode == 2 and "missing.pth: no such file" in result.stderr
+    assert not (tmp_path / "c.h5").exists()
 
 
 def test_unfetchable_imagenet_weights_say_how_to_supply_them(monkeypatch, tmp_path):
@@ -136,8 +140,8 @@ def test_unfetchable_imagenet_weights_say_how_to_supply_them(monkeypatch, tmp_pa
         raise urllib.error.URLError("network unreachable")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(backbone.WeightsError, match=r"cannot fetch ResNet50 IMAGENET1K_V2.*--weights /path/to/resnet50-"):
-        backbone.build_backbone("imagenet", device=torch.device("cpu"))
+    with pytest.raises(encoders.EncoderError, match=r"cannot fetch resnet50 IMAGENET1K_V2.*--weights /path/to/resnet50-"):
+        encoders.build_encoder("resnet50", weights="imagenet")
 
 
 def test_images_of_every_mode_and_size_embed(tmp_path):
@@ -162,11 +166,13 @@ def test_torchrun_two_ranks_make_the_same_cache(extracted_cache, synthetic_dir, 
     """Two CPU ranks (gloo) shard the rows; rank 0 merges one cache equal to a single process's."""
     path = tmp_path / "c.h5"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    # small parts and merges: rank 0 merges while rank 1 is still writing its parts
     result = subprocess.run([*torchrun, "-m", "extract", "--data-dir", str(synthetic_dir), "--cache", str(path),
-                             *TINY], cwd=REPO, capture_output=True, text=True, timeout=300,
+                             *TINY, "--part-rows", "8", "--merge-every", "24"], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "extracted 180 images" in result.stdout and "2 ranks" in result.stdout
+    assert not list(cache.store.parts_dir(path).glob("*.npz"))
     sharded_table, sharded = _features(path)
     table, single = _features(extracted_cache)
     for name in ("image_id", "patient_id", "split", "done"):
@@ -174,3 +180,141 @@ def test_torchrun_two_ranks_make_the_same_cache(extracted_cache, synthetic_dir, 
     assert (sharded_table["labels"] == table["labels"]).all()
     np.testing.assert_allclose(sharded, single, rtol=2e-3, atol=2e-3)
     assert cache.read_attrs(path)["fingerprint"] == cache.read_attrs(extracted_cache)["fingerprint"]
+
+
+def test_merge_every_merges_during_the_run(extracted_cache, synthetic_dir, tmp_path):
+    path = tmp_path / "c.h5"
+    result = call_main("extract", "--data-dir", synthetic_dir, "--cache", path, *TINY, "--part-rows", "16",
+                       "--merge-every", "48", check_rc=0)
+    assert "3 merges during the run" in result.stdout  # 180 rows: merged after 48, 96 and 144
+    merged_table, merged = _features(path)
+    _, single = _features(extracted_cache)
+    assert merged_table["done"].all()
+    np.testing.assert_allclose(merged, single, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("precision, tolerance", [("bf16", 3e-2), ("fp16", 1e-2)])
+def test_reduced_precision_extraction_agrees_with_fp32(extracted_cache, synthetic_dir, tmp_path, precision, tolerance):
+    path = tmp_path / "c.h5"
+    call_main("extract", "--data-dir", synthetic_dir, "--cache", path, *TINY, "--split", "val",
+              "--precision", precision, check_rc=0)
+    assert cache.read_attrs(path)["precision"] == precision
+    table, reduced = _features(path)
+    _, full = _features(extracted_cache)
+    reference = full[np.flatnonzero(table["split"] == "val")]
+    relative = np.linalg.norm(reduced - reference, axis=1) / np.linalg.norm(reference, axis=1)
+    assert 0 < relative.max() < tolerance  # not fp32 in disguise, and within the precision's error
+
+
+def test_float32_storage_keeps_full_precision(extracted_cache, synthetic_dir, tmp_path):
+    path = tmp_path / "c.h5"
+    call_main("extract", "--data-dir", synthetic_dir, "--cache", path, *TINY, "--split", "val",
+              "--feature-dtype", "float32", check_rc=0)
+    import h5py
+    with h5py.File(path) as f:
+        assert f["features"].dtype == np.float32
+    table, stored = _features(path)
+    encoder = encoders.build_encoder("resnet50", weights="none", image_size=64)
+    val = np.flatnonzero(table["split"] == "val")[:4]
+    paths = [next(synthetic_dir.glob(f"images_*/images/{table['image_id'][row]}")) for row in val]
+    batch = next(pipeline.batches(val, paths, encoder=encoder, batch_size=4, workers=0))
+    fresh = pipeline.embed_batch(encoder, batch, device=torch.device("cpu"), precision="fp32").numpy()
+    order = np.searchsorted(np.flatnonzero(table["done"]), val)
+    # float32 storage: equal to float rounding (float16 storage would be off by ~1e-3)
+    np.testing.assert_allclose(stored[order], fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_test_split_is_exactly_test_list(extracted_cache, synthetic_dir):
+    table = cache.read_table(extracted_cache)
+    official = set((synthetic_dir / "test_list.txt").read_text().split())
+    assert set(table["image_id"][table["split"] == "test"]) == official
+    train_val = set((synthetic_dir / "train_val_list.txt").read_text().split())
+    assert set(table["image_id"][table["split"] != "test"]) == train_val
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--val-fraction", "-0.5", "outside (0, 1)"), ("--val-fraction", "1.5", "outside (0, 1)"),
+    ("--val-fraction", "nan", "outside (0, 1)"), ("--batch-size", "0", "outside [1,"),
+    ("--image-size", "0", "outside [32, 4096]"), ("--image-size", "99999", "outside [32, 4096]"),
+    ("--workers", "-1", "outside [0,"), ("--merge-every", "-5", "outside [0,"), ("--part-rows", "0", "outside [1,"),
+    ("--batch-size", "x", "'x' is not an integer"), ("--pooling", "max", "invalid choice"),
+])
+def test_bad_flags_are_one_line_and_exit_2_before_any_work(flag, value, expected, capsys):
+    with pytest.raises(SystemExit) as stop:
+        get_args_parser().parse_args(["--data-dir", "x", flag, value])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and expected in err and flag in err and err.count("\n") == 1
+
+
+def test_default_cache_is_named_after_the_variant(synthetic_dir, tmp_path):
+    result = run_cli("extract", "--data-dir", synthetic_dir, *TINY, "--split", "val", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "outputs" / "cache" / "resnet50-64.h5").exists()
+
+
+def test_val_list_is_the_val_split_and_refuses_mixing(extracted_cache, synthetic_dir, tmp_path):
+    table = cache.read_table(extracted_cache)
+    train_val = (synthetic_dir / "train_val_list.txt").read_text().split()
+    patients = sorted({image_id[:8] for image_id in train_val})
+    chosen = [i for i in train_val if i[:8] in patients[:5]]
+    listed = tmp_path / "val.txt"
+    listed.write_text("\n".join(chosen) + "\n")
+    path = tmp_path / "v.h5"
+    call_main("extract", "--data-dir", synthetic_dir, "--cache", path, *TINY, "--split", "val",
+              "--val-list", listed, check_rc=0)
+    stored = cache.read_table(path)
+    assert sorted(stored["image_id"][stored["split"] == "val"]) == sorted(chosen)
+    assert set(stored["image_id"][stored["split"] == "test"]) == set(table["image_id"][table["split"] == "test"])
+    assert "val from val.txt" in cache.read_attrs(path)["split_source"]
+    listed.write_text("\n".join(chosen[:-1]) + "\n")  # one image of the last patient stays in train
+    result = call_main("extract", "--data-dir", synthetic_dir, "--cache", tmp_path / "w.h5", *TINY,
+                       "--val-list", listed)
+    assert result.returncode == 2 and f"patients {int(chosen[-1][:8])}" in result.stderr
+    test_id = (synthetic_dir / "test_list.txt").read_text().split()[0]
+    listed.write_text(f"{chosen[0]}\n{test_id}\n")
+    result = call_main("extract", "--data-dir", synthetic_dir, "--cache", tmp_path / "w.h5", *TINY,
+                       "--val-list", listed)
+    assert result.returncode == 2 and "official test images" in result.stderr and test_id in result.stderr
+    assert not (tmp_path / "w.h5").exists()
+
+
+def test_loader_in_gpu_layout_runs_with_docker_64mb_shm(tmp_path):
+    """16 workers, prefetching, batch 256 of 1024x1024 PNGs, as on a GPU machine, inside a private
+    mount namespace whose /dev/shm is 64 MB (Docker's default)."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("unshare -m is not available here")
+    write_dataset(tmp_path / "data", patients=48, images_per_patient=4, size=1024, distinct=8)
+    script = (
+        "import sys, numpy as np; from extract import encoders, pipeline; from extract.nih import index_images;"
+        "paths = sorted(index_images(sys.argv[1]).values());"
+        "encoder = encoders.build_encoder('resnet50', weights='none', image_size=518);"
+        "n = sum(len(b['rows']) for b in pipeline.batches(np.arange(len(paths)), paths, encoder=encoder,"
+        " batch_size=256, workers=16, pin_memory=False));"
+        "print('decoded', n)"
+    )
+    shell = (f"mount -t tmpfs -o size=64m tmpfs /dev/shm && "
+             f"{sys.executable} -W ignore -c \"{script}\" {tmp_path / 'data'}")
+    result = subprocess.run(["unshare", "-m", "sh", "-c", shell], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "decoded 192" in result.stdout
+
+
+def test_a_full_disk_ends_extract_with_one_line_and_exit_1(synthetic_dir, tmp_path):
+    """The whole CLI on a real 200 KiB tmpfs (private mount namespace): DiskFull is one line
+    and exit status 1 (the work done is kept; the run could not finish there), no traceback."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    shell = 'mount -t tmpfs -o size=200k tmpfs "$1" || exit 77; shift; exec "$@"'
+    result = subprocess.run(["unshare", "-m", "sh", "-c", shell, "sh", str(disk), sys.executable, "-m", "extract",
+                             "--data-dir", str(synthetic_dir), "--cache", str(disk / "c.h5"), *TINY],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore"))
+    if result.returncode == 77 or "unshare failed" in result.stderr:
+        pytest.skip(f"cannot mount a tmpfs in a private namespace: {result.stderr.strip()}")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1, result.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: no space left on device")
+    assert "Traceback" not in result.stderr

@@ -142,3 +142,19 @@ def test_gzipped_csv_is_found(tmp_path):
     csv.unlink()
     rows, provenance = nih.load_dataset(tmp_path, val_fraction=0.34, seed=0)
     assert provenance["source_csv"] == "Data_Entry_2017_v2020.csv.gz" and len(rows["image_id"]) == 3
+
+
+def test_real_val_list_reproduces_a_split_and_refuses_a_split_patient(real_rows, nih_metadata, tmp_path):
+    rows, _ = real_rows
+    val_ids = rows["image_id"][rows["split"] == "val"]
+    listed = tmp_path / "val_list.txt"
+    listed.write_text("\n".join(val_ids) + "\n")
+    again, provenance = nih.load_dataset(nih_metadata, val_fraction=0.1, seed=0, val_list=listed)
+    assert (again["split"] == rows["split"]).all()
+    assert provenance["split_source"] == "official lists, val from val_list.txt"
+    assert provenance["split_lists_sha256"] != real_rows[1]["split_lists_sha256"]
+    patients = rows["patient_id"][rows["split"] == "val"]
+    first_of_a_repeat = next(i for i, p in enumerate(patients) if (patients == p).sum() > 1)
+    listed.write_text("\n".join(np.delete(val_ids, first_of_a_repeat)) + "\n")
+    with pytest.raises(nih.DatasetError, match=f"1 patients have images in both val and train \\(patients {patients[first_of_a_repeat]}\\)"):
+        nih.load_dataset(nih_metadata, val_fraction=0.1, seed=0, val_list=listed)
