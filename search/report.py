@@ -14,6 +14,10 @@ import json
 import warnings
 
 import optuna
+from optuna.trial import TrialState
+
+from heads.run import print_summary as print_run_summary
+from search.storage import mask_url
 
 
 def write_search_outputs(out, *, study, best, settings, metrics, config) -> None:
@@ -53,3 +57,16 @@ def plot_search(out, study) -> None:
         axes.figure.set_size_inches(9, 5)
         axes.figure.savefig(out / "param_importances.png", dpi=90, bbox_inches="tight")
         plt.close(axes.figure)
+
+
+def print_summary(study, *, out, url, ran, seconds, best, metrics, run_dir, data) -> None:
+    """The study's counts (and how many trials this process finished), the best trial, its run."""
+    states = {state: len(study.get_trials(deepcopy=False, states=(state,)))
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    print(f"\nstudy {study.study_name!r}: {states[TrialState.COMPLETE]} complete, {states[TrialState.PRUNED]} pruned, "
+          f"{states[TrialState.FAIL]} failed; this process finished {ran} of them in {seconds:.1f}s")
+    print(f"best trial #{best.number}: validation mean AUC {best.value:.4f} with {best.params}")
+    print("retrained and scored once on test:\n")
+    print_run_summary(run_dir, data=data, metrics=metrics)
+    print(f"search folder: {out} (trials.csv, best_params.json, optimization_history.png, param_importances.png)")
+    print(f"study storage: {mask_url(url)}   browse it: optuna-dashboard {mask_url(url)}")
