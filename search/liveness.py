@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import optuna
@@ -108,7 +109,9 @@ class Liveness:
         if self._journal is not None:
             self._journal.fail_dead_owners_trials(study)
         if self._heartbeat:
-            optuna.storages.fail_stale_trials(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
 
     def beating(self, study, trials):
         """A context that beats for `trials` every heartbeat interval while they train."""

@@ -52,14 +52,17 @@ def _is_secret_name(name: str) -> bool:
 
 
 def secrets_in(url: str) -> list[str]:
-    """Every credential the URL holds, longest first: the password and the secret-named query
-    values, each also percent-encoded."""
+    """Every credential the URL holds, longest first: the password (and its pieces around an '@')
+    and the secret-named query values, each also percent-encoded."""
     parsed = parse_url(url)
     if parsed is None:
         return []
     found = []
     if parsed.password:
         found.append(str(parsed.password))
+        # the pieces a naive reader of an unencoded '@' would split it into (too short ones would
+        # mask ordinary words, and alone give little away)
+        found += [piece for piece in str(parsed.password).split("@") if len(piece) >= 3]
     for name, value in parsed.query.items():
         if _is_secret_name(name):
             found += [value] if isinstance(value, str) else list(value)
