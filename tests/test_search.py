@@ -104,24 +104,25 @@ def torch_noise(shape):
 
 def test_a_failing_head_fails_only_its_trial(small_cache, tmp_path, monkeypatch):
     real_fit_heads = search.passes.fit_heads
-    calls = {"n": 0}
+    group = {}
 
     def one_head_goes_nan(**kwargs):
         results = real_fit_heads(**kwargs)
-        calls["n"] += 1
-        if calls["n"] == 1:  # the second head of the first pass
+        if not group and len(results) >= 2:  # the second head of the first group trained together
+            group["lrs"] = [settings["lr"] for settings in kwargs["settings_list"]]
             results[1].status, results[1].fail_reason = "failed", "training loss became nan at epoch 3"
         return results
     monkeypatch.setattr(search.passes, "fit_heads", one_head_goes_nan)
     out = tmp_path / "s"
-    call_main("search", "--cache", small_cache, "--out", out, "--trials", "5", "--trials-per-pass", "3",
+    call_main("search", "--cache", small_cache, "--out", out, "--trials", "8", "--trials-per-pass", "8",
               "--pruner", "none", *QUICK, check_rc=0)
     study = _study(out)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and "nan" in failed[0].user_attrs["fail_reason"]
-    assert failed[0].number == 1  # its neighbours in the pass (0 and 2) completed
-    assert {t.number for t in study.trials if t.state == TrialState.COMPLETE} >= {0, 2}
-    assert len(_finished(study)) == 5
+    assert failed[0].params["lr"] == group["lrs"][1]
+    neighbours = [t for t in study.trials if t.params["lr"] in group["lrs"] and t.number != failed[0].number]
+    assert neighbours and all(t.state == TrialState.COMPLETE for t in neighbours)
+    assert len(_finished(study)) == 8
     assert "training loss became nan" in pd.read_csv(out / "trials.csv").to_string()
 
 
