@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import shutil
 import sys
 import time
 import warnings
@@ -16,7 +15,7 @@ from sklearn.multiclass import OneVsRestClassifier
 
 import cache
 from heads.data import HeadsError, load_head_data
-from heads.report import finish_out_dir, format_table, per_class_table, prepare_out_dir, write_run
+from heads.report import discard_partial, finish_out_dir, format_table, per_class_table, prepare_out_dir, write_run
 from heads.cli import add_io_args
 from heads.run import run_config
 
@@ -38,7 +37,7 @@ def fit_logistic(train, *, C: float, max_iter: int):
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        classifier.fit(train.features.cpu().numpy(), train.labels.cpu().numpy())
+        classifier.fit(train.features.float().cpu().numpy(), train.labels.cpu().numpy())
     return classifier, time.perf_counter() - start
 
 
@@ -58,14 +57,14 @@ def main(args) -> int:
                             n_bootstrap=args.bootstrap, extra={"model": "sklearn LogisticRegression one-vs-rest"})
         metrics = write_run(
             partial, classes=data.classes, config=config, val=data.val,
-            val_scores=classifier.predict_proba(data.val.features.numpy()), test=data.test,
-            test_scores=classifier.predict_proba(data.test.features.numpy()), checkpoint=None,
+            val_scores=classifier.predict_proba(data.val.features.float().numpy()), test=data.test,
+            test_scores=classifier.predict_proba(data.test.features.float().numpy()), checkpoint=None,
             n_bootstrap=args.bootstrap, seed=args.seed,
             fit={"train_seconds": round(seconds, 3), "rows": {n: len(s) for n, s in data.splits.items()},
                  "rows_not_done": data.excluded},
         )
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        discard_partial(partial)
         raise
     run_dir = finish_out_dir(partial, out)
     print(format_table(per_class_table(data.classes, metrics)))

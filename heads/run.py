@@ -2,7 +2,6 @@
 directory. `heads.train`, `search` (its best trial) and the benchmarks call `train_and_report`."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import sklearn
@@ -11,7 +10,7 @@ from cache.runtime import versions
 from heads.data import HeadData, load_head_data
 from heads.fit import fit_head, head_checkpoint, predict_proba
 from heads.model import WEIGHTING_FORMULA
-from heads.report import finish_out_dir, format_table, per_class_table, prepare_out_dir, write_run
+from heads.report import discard_partial, finish_out_dir, format_table, per_class_table, prepare_out_dir, write_run
 
 
 def train_and_report(*, cache_path, settings: dict, out, device, overwrite=False, n_bootstrap=1000,
@@ -35,7 +34,7 @@ def train_and_report(*, cache_path, settings: dict, out, device, overwrite=False
                  "rows_not_done": data.excluded, "history": fit.history},
         )
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        discard_partial(partial)
         raise
     run_dir = finish_out_dir(partial, out)
     if not quiet:
@@ -45,8 +44,9 @@ def train_and_report(*, cache_path, settings: dict, out, device, overwrite=False
 
 def run_config(*, cache_path, data, settings, device, class_weights_used: dict, n_bootstrap, extra=None) -> dict:
     return {
-        "model": "head", "settings": settings, "cache": str(Path(cache_path).resolve()),
+        "model": "head", "settings": settings, "cache": str(Path(_first(cache_path)).resolve()),
         "cache_fingerprint": data.attrs["fingerprint"],
+        "caches": [{key: entry[key] for key in ("name", "path", "fingerprint", "columns")} for entry in data.caches],
         "cache_attrs": {k: v for k, v in data.attrs.items() if k not in ("versions", "created")},
         "device": str(device), "class_weights": {**class_weights_used, "formula": WEIGHTING_FORMULA},
         "standardization": "features minus train mean, divided by train std (stored in head.pt)",
@@ -55,6 +55,10 @@ def run_config(*, cache_path, data, settings, device, class_weights_used: dict, 
         "versions": versions(**{"scikit-learn": sklearn.__version__}),
         **(extra or {}),
     }
+
+
+def _first(cache_paths):
+    return cache_paths if isinstance(cache_paths, (str, Path)) else list(cache_paths)[0]
 
 
 def print_summary(run_dir, *, data: HeadData, metrics: dict) -> None:
