@@ -223,8 +223,10 @@ class HeadStack:
     def best_module(self, position: int) -> torch.nn.Sequential:
         """The head at `position`, with its best weights, as the nn.Sequential of heads.model."""
         depth, width = self.shape
-        model = build_head(in_dim=self.sizes[0], n_classes=self.sizes[-1], depth=depth, width=max(width, 1),
-                           dropout=self.dropout[position])
+        with torch.device("meta"):  # no initialisation: it would draw from the process-wide RNG
+            model = build_head(in_dim=self.sizes[0], n_classes=self.sizes[-1], depth=depth, width=max(width, 1),
+                               dropout=self.dropout[position])
+        model = model.to_empty(device=self.device)
         linears = [module for module in model if isinstance(module, torch.nn.Linear)]
         n_layers = len(self.weights)
         with torch.no_grad():
@@ -233,4 +235,4 @@ class HeadStack:
                 bias = self.best[n_layers + layer][position].reshape(-1)
                 linear.weight.copy_(weight.T)
                 linear.bias.copy_(bias)
-        return model.to(self.device)
+        return model
