@@ -13,16 +13,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import hashlib
+
 import numpy as np
 import torch
 
 import cache
-from cache.schema import SPLITS, TRAIN, VAL
+from cache.schema import SPLITS, TEST, TRAIN, VAL
 
 # Rows read and standardized per block: a 8192 x 2048 float32 block is 64 MiB, the only
 # full-precision memory the loader needs beyond the float16 matrix.
 BLOCK_ROWS = 8192
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+# sha256 of the 25,596 image ids of NIH's official test_list.txt, sorted, joined by newlines
+# (tests recompute it from the file when the metadata is at hand). Published figures are
+# printed beside a run only when its cache's test split is exactly this list.
+NIH_TEST_IDS_SHA256 = "38ca5ef7f756092946f57c1a59faca882ed589a1ab1f72590b45dc06c6d5e1cc"
 
 
 class HeadsError(Exception):
@@ -51,6 +57,7 @@ class HeadData:
     excluded: dict  # split -> rows not done (in any of the caches)
     caches: list = field(default_factory=list)  # one dict per cache: path, fingerprint, attrs, columns
     blocks: dict = field(default_factory=dict)  # block name -> (first column, end column)
+    official_nih: bool = False  # the test split is exactly NIH's official test_list.txt
 
     @property
     def train(self):
@@ -140,7 +147,18 @@ def load_head_data(cache_paths, *, device="cpu") -> HeadData:
     caches, blocks = _describe_caches(paths, attrs_list, dims)
     return HeadData(splits=splits, classes=list(attrs_list[0]["classes"]), attrs=attrs_list[0],
                     feature_mean=torch.from_numpy(mean), feature_std=torch.from_numpy(std), excluded=excluded,
-                    caches=caches, blocks=blocks)
+                    caches=caches, blocks=blocks,
+                    official_nih=is_official_nih_test(table["image_id"][table["split"] == TEST]))
+
+
+def test_ids_sha256(image_ids) -> str:
+    """sha256 of a set of image ids: sorted, joined by newlines."""
+    return hashlib.sha256("\n".join(sorted(map(str, image_ids))).encode()).hexdigest()
+
+
+def is_official_nih_test(image_ids) -> bool:
+    """True when `image_ids` are exactly NIH's official test list (25,596 images)."""
+    return len(image_ids) == 25_596 and test_ids_sha256(image_ids) == NIH_TEST_IDS_SHA256
 
 
 def _check_same_rows(first_path, first, first_attrs, path, table, attrs) -> None:
