@@ -4,16 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-try:
-    from heads.report import is_kit_dir, mark_kit_dir
-except ImportError:  # TEMPORARY until the marker rules of heads.report are merged
-    _MARKER = ".cxr14-kit"
-
-    def is_kit_dir(path) -> bool:
-        return (Path(path) / _MARKER).is_file()
-
-    def mark_kit_dir(path) -> None:
-        (Path(path) / _MARKER).write_text("written by cxr14-kit\n")
+from heads.report import is_kit_dir, mark_kit_dir
 
 
 def prepare_search_dir(out: Path) -> Path:

@@ -25,36 +25,7 @@ from optuna.trial import TrialState
 
 from heads import settings as head_settings
 from heads.data import HeadsError
-from heads.fit import FitResult
-
-try:
-    from heads.fit import fit_heads
-except ImportError:  # TEMPORARY until heads.fit.fit_heads is merged: one head after another
-    from heads.fit import fit_head
-
-    class _Stop(Exception):
-        pass
-
-    def fit_heads(*, train, val, settings_list, device, on_epoch=None):
-        results = []
-        for index, settings in enumerate(settings_list):
-            state = {"pruned": False}
-
-            def single(epoch, val_auc, index=index, state=state):
-                if on_epoch is not None and not on_epoch(index, epoch, val_auc):
-                    state["pruned"] = True
-                    raise _Stop
-            try:
-                result = fit_head(train=train, val=val, settings=settings, device=device, on_epoch=single)
-                result.status, result.fail_reason = "complete", None
-            except _Stop:
-                result = FitResult(model=None, best_epoch=0, best_val_auc=float("nan"), seconds=0.0)
-                result.status, result.fail_reason = "pruned", None
-            except HeadsError as err:
-                result = FitResult(model=None, best_epoch=0, best_val_auc=float("nan"), seconds=0.0)
-                result.status, result.fail_reason = "failed", str(err)
-            results.append(result)
-        return results
+from heads.fit import FitResult, fit_heads
 from search.study import FINISHED, admitted, count
 
 POLL_S = 2.0  # how often a worker waiting for others' last trials looks again
@@ -172,9 +143,8 @@ def train_group(run: Pass, trials: list, settings: list, members: list) -> list:
 
 
 def _failed(reason: str) -> FitResult:
-    result = FitResult(model=None, best_epoch=0, best_val_auc=float("nan"), seconds=0.0)
-    result.status, result.fail_reason = "failed", reason
-    return result
+    return FitResult(model=None, best_epoch=0, best_val_auc=float("nan"), seconds=0.0, status="failed",
+                     fail_reason=reason)
 
 
 def feature_view(run: Pass, settings: dict):
