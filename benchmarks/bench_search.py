@@ -67,7 +67,8 @@ def run(args) -> list[dict]:
         for per_pass in args.per_pass.split(","):
             seconds, info = time_search(cache, Path(tmp) / f"k{per_pass}", per_pass=per_pass, args=args)
             results[per_pass] = (seconds, info)
-            rows.append({"stage": "search", "measure": f"{args.trials} trials, pruner {args.pruner}, K = {info['k']} per pass",
+            rows.append({"stage": "search",
+                         "measure": f"{args.trials} trials, pruner {args.pruner}, K = {info['k']} per pass",
                          "value": f"{seconds:.0f} s",
                          "note": f"{sizes['train']} train rows x {args.dim}-d, max "
                                  f"{args.max_epochs} epochs; {info['COMPLETE']} complete, {info['PRUNED']} pruned, "

@@ -16,7 +16,6 @@ import socket
 import threading
 import time
 import uuid
-import warnings
 from pathlib import Path
 
 import optuna
@@ -26,14 +25,6 @@ from search.storage import has_heartbeat
 
 OWNER_ATTR = "cxr14_owner"
 FAIL_REASON = "fail_reason"
-# A trial is asked, then its owner recorded a few milliseconds later; one with no owner this
-# long after it started was asked by a worker killed in between.
-UNOWNED_GRACE_S = 60.0
-
-
-def label_stale(study, trial) -> None:
-    """Optuna's callback for a trial failed for a silent heartbeat: say why in trials.csv."""
-    study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, "its worker stopped beating (killed or lost)")
 
 
 class JournalOwnership:
@@ -56,13 +47,8 @@ class JournalOwnership:
             owner = trial.system_attrs.get(OWNER_ATTR)
             if owner == self.token:
                 continue
-            if owner is None:
-                started = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
-                dead = time.time() - started > UNOWNED_GRACE_S
-            else:
-                dead = self._owner_is_dead(owner)
-            if dead and _fail(study, trial, "its worker died (killed or crashed) while running it"):
-                failed += 1
+            if owner is not None and self._owner_is_dead(owner):
+                failed += _fail(study, trial, "its worker died (killed or crashed) while running it")
         return failed
 
     def _owner_is_dead(self, owner: str) -> bool:
@@ -87,31 +73,36 @@ def _fail(study, trial, reason: str) -> bool:
     try:
         study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)
         return study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-    except optuna.exceptions.UpdateFinishedTrialError:
+    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
         return False  # another worker finished or failed it first
 
 
 class Liveness:
-    """One interface over both mechanisms: `claim` each trial asked, `beat` while training,
+    """One interface over both mechanisms: `claim` each trial asked, `beating` while training,
     `fail_stale` whenever the study is counted."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, stale_after: float):
+        self.stale_after = stale_after
         self._journal = JournalOwnership(url.removeprefix("journal:")) if url.startswith("journal:") else None
         self._heartbeat = has_heartbeat(url)
+        self._shared = self._journal is not None or self._heartbeat
 
     def claim(self, study, trial) -> None:
+        if self._heartbeat:
+            study._storage.record_heartbeat(trial._trial_id)  # a trial with no beat is never stale...
         if self._journal is not None:
             self._journal.claim(study, trial)
-        if self._heartbeat:
-            study._storage.record_heartbeat(trial._trial_id)  # a trial with no beat is never stale
+        elif self._shared:  # ...so it is marked claimed only once it has one
+            study._storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, "heartbeat")
 
     def fail_stale(self, study) -> None:
+        if not self._shared:
+            return
+        fail_unclaimed_trials(study, after=self.stale_after)
         if self._journal is not None:
             self._journal.fail_dead_owners_trials(study)
         if self._heartbeat:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
+            fail_silent_trials(study)
 
     def beating(self, study, trials):
         """A context that beats for `trials` every heartbeat interval while they train."""
@@ -120,6 +111,28 @@ class Liveness:
     def close(self) -> None:
         if self._journal is not None:
             self._journal.close()
+
+
+def fail_unclaimed_trials(study, *, after: float) -> int:
+    """Fail the RUNNING trials still unclaimed `after` seconds after they started (a live worker
+    claims a trial milliseconds after asking for it): their worker was killed in between, so
+    neither a lock nor a heartbeat would ever show them dead."""
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+        if OWNER_ATTR not in trial.system_attrs and time.time() - started > after:
+            failed += _fail(study, trial, "its worker died before it started training")
+    return failed
+
+
+def fail_silent_trials(study) -> int:
+    """Optuna's fail_stale_trials, but with the reason recorded first (a failed trial's
+    attributes can no longer be set); returns how many this worker failed."""
+    failed = 0
+    for trial_id in study._storage._get_stale_trial_ids(study._study_id):
+        trial = study._storage.get_trial(trial_id)
+        failed += _fail(study, trial, "its worker stopped beating (killed or lost)")
+    return failed
 
 
 class _NoBeats:

@@ -34,8 +34,8 @@ SURPLUS_REASON = "surplus: the study already held {target} finished or running t
 
 
 @dataclass
-class Pass:
-    """What every pass of one search shares."""
+class SearchContext:
+    """What every pass of one search shares: the study, the data, the fixed settings, the target N."""
     study: optuna.Study
     data: object  # heads.data.HeadData
     fixed: dict
@@ -45,7 +45,7 @@ class Pass:
     feature_sets: dict | None = None  # name -> block names, when several caches are searched
 
 
-def run_passes(run: Pass, *, per_pass: int, n_jobs: int, deadline: float | None, on_pass=None) -> int:
+def run_passes(run: SearchContext, *, per_pass: int, n_jobs: int, deadline: float | None, on_pass=None) -> int:
     """Run passes until the study holds `run.target` finished trials (or the deadline passes);
     returns how many trials this process finished (complete or pruned)."""
     finished_here = 0
@@ -65,7 +65,7 @@ def run_passes(run: Pass, *, per_pass: int, n_jobs: int, deadline: float | None,
     return finished_here
 
 
-def ask_admitted(run: Pass, *, n_trials: int) -> list:
+def ask_admitted(run: SearchContext, *, n_trials: int) -> list:
     """Up to `n_trials` new trials, each claimed for this worker and admitted under the exact-N rule."""
     trials = []
     for _ in range(n_trials):
@@ -78,7 +78,7 @@ def ask_admitted(run: Pass, *, n_trials: int) -> list:
     return trials
 
 
-def run_one_pass(run: Pass, trials: list, *, n_jobs: int) -> int:
+def run_one_pass(run: SearchContext, trials: list, *, n_jobs: int) -> int:
     """Train the heads of `trials` and tell each to the study; returns how many finished."""
     if not trials:
         return 0
@@ -98,14 +98,14 @@ def run_one_pass(run: Pass, trials: list, *, n_jobs: int) -> int:
                 fail_trial(run.study, trial, "interrupted before it finished")
 
 
-def suggest(run: Pass, trial) -> dict:
+def suggest(run: SearchContext, trial) -> dict:
     settings = head_settings.suggest(trial, base=run.fixed)
     if run.feature_sets:
         settings["features"] = trial.suggest_categorical("features", list(run.feature_sets))
     return settings
 
 
-def train_pass(run: Pass, trials: list, settings: list, *, n_jobs: int) -> list:
+def train_pass(run: SearchContext, trials: list, settings: list, *, n_jobs: int) -> list:
     """Heads that can share minibatches (one batch size, one feature set) train together; the
     groups, split into `n_jobs` shares, run in threads. Returns one FitResult per trial."""
     groups = {}
@@ -125,7 +125,7 @@ def _split(members: list, shares: int) -> list:
     return [members[start:start + size] for start in range(0, len(members), size)]
 
 
-def train_group(run: Pass, trials: list, settings: list, members: list) -> list:
+def train_group(run: SearchContext, trials: list, settings: list, members: list) -> list:
     """fit_heads on one group; a failure of the whole group (out of memory) fails each of its trials."""
     def on_epoch(position, epoch, val_auc):
         trial = trials[members[position]]
@@ -147,7 +147,7 @@ def _failed(reason: str) -> FitResult:
                      fail_reason=reason)
 
 
-def feature_view(run: Pass, settings: dict):
+def feature_view(run: SearchContext, settings: dict):
     """The train and val splits a trial sees: never test, and only its feature set's columns."""
     if not run.feature_sets:
         return run.data.train, run.data.val

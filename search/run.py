@@ -27,7 +27,7 @@ from heads.data import HeadsError, load_head_data
 from heads.run import train_and_report
 from search import outdir
 from search.liveness import Liveness
-from search.passes import Pass, run_passes
+from search.passes import SearchContext, run_passes
 from search.report import print_standing, print_summary, write_search_outputs
 from search.storage import SearchError, is_shared, mask_text, mask_url
 from search.study import FINISHED, best_text, best_trial, count, fail_interrupted_trials, open_study, study_identity
@@ -67,8 +67,9 @@ def get_args_parser(add_help=True):
     parser.add_argument("--timeout", type=_at_least(float, 0, low_open=True), default=None,
                         help="seconds after which no new pass starts (> 0; default: none)")
     parser.add_argument("--stale-after", type=_at_least(float, 6), default=DEFAULT_STALE_AFTER_S,
-                        help="seconds without a heartbeat (database storages) after which a worker's running "
-                             "trial counts as dead and is failed, so the study still reaches N (>= 6)")
+                        help="seconds without a heartbeat (database storages), or unclaimed after it started "
+                             "(any shared storage), after which a running trial counts as its dead worker's and "
+                             "is failed, so the study still reaches N (>= 6)")
     parser.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"],
                         help="stop unpromising trials early from their per-epoch validation AUC")
     parser.add_argument("--sampler-seed", type=_at_least(int, 0), default=0,
@@ -167,10 +168,10 @@ def run_with_progress(study, *, args, data, fixed, device, url, per_pass, sets) 
         progress.n = min(count(study, FINISHED), args.trials)
         progress.set_postfix_str(best_text(study))
         progress.refresh()
-    liveness = Liveness(url)
+    liveness = Liveness(url, stale_after=args.stale_after)
     try:
-        run = Pass(study=study, data=data, fixed=fixed, device=device, target=args.trials, liveness=liveness,
-                   feature_sets=sets)
+        run = SearchContext(study=study, data=data, fixed=fixed, device=device, target=args.trials,
+                            liveness=liveness, feature_sets=sets)
         return run_passes(run, per_pass=per_pass, n_jobs=args.n_jobs, on_pass=on_pass,
                           deadline=None if args.timeout is None else time.time() + args.timeout)
     finally:

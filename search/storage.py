@@ -110,7 +110,7 @@ def has_heartbeat(url: str) -> bool:
     return is_shared(url) and not url.startswith("journal:")
 
 
-def open_storage(url: str, *, stale_after: float, on_stale=None):
+def open_storage(url: str, *, stale_after: float):
     """An Optuna storage for `url`, with a clear SearchError (secrets masked) if unusable."""
     if url.startswith("journal:"):
         try:
@@ -123,7 +123,7 @@ def open_storage(url: str, *, stale_after: float, on_stale=None):
                           f"postgresql://user:password@host/db, sqlite:///path or journal:PATH")
     engine_kwargs = {"connect_args": {"connect_timeout": 10}} if parsed.drivername.startswith("postgresql") else {}
     heartbeat = ({"heartbeat_interval": max(1, int(stale_after // HEARTBEAT_PER_GRACE)),
-                  "grace_period": int(stale_after), "heartbeat_stale_trial_callback": on_stale}
+                  "grace_period": int(stale_after)}
                  if has_heartbeat(url) else {})
     for attempt in range(SCHEMA_RACE_RETRIES + 1):
         try:

@@ -10,8 +10,6 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
-from heads import settings as head_settings
-from search.liveness import label_stale
 from search.storage import SearchError, is_shared, mask_text, mask_url, open_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -36,7 +34,7 @@ def study_identity(*, data, fingerprints: list, fixed: dict, space: dict) -> dic
 def open_study(url: str, *, study_name: str, identity: dict, pruner: str, sampler_seed: int,
                max_epochs: int, stale_after: float) -> optuna.Study:
     """Create the study, or resume it after checking it searches the same thing on the same rows."""
-    storage = open_storage(url, stale_after=stale_after, on_stale=label_stale)
+    storage = open_storage(url, stale_after=stale_after)
     # Workers sharing a database each need their own sampler stream, or their first random
     # trials would propose identical settings; one process alone is reproducible.
     seed = sampler_seed if not is_shared(url) else sampler_seed + os.getpid()

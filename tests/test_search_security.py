@@ -21,7 +21,8 @@ FORMS = [
     ("postgresql://kit:s3cr@tW0rd!@127.0.0.1:1/db", ["s3cr@tW0rd!", "tW0rd!"], "postgresql://kit:***@127.0.0.1:1/db"),
     ("postgresql://kit:p%40ssW0rd@127.0.0.1:1/db", ["p@ssW0rd", "p%40ssW0rd"], "postgresql://kit:***@127.0.0.1:1/db"),
     ("mysql://me:Pw123xyz@127.0.0.1:1/db?sslmode=x&token=TkN77&pwd=Pwd55&api_secret=Sec99",
-     ["Pw123xyz", "TkN77", "Pwd55", "Sec99"], "mysql://me:***@127.0.0.1:1/db?api_secret=***&pwd=***&sslmode=x&token=***"),
+     ["Pw123xyz", "TkN77", "Pwd55", "Sec99"],
+     "mysql://me:***@127.0.0.1:1/db?api_secret=***&pwd=***&sslmode=x&token=***"),
 ]
 
 
