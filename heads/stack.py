@@ -181,9 +181,9 @@ class HeadStack:
         shape[axis] = -1
         return values.view(shape)
 
-    def take_epoch_losses(self) -> list:
+    def take_epoch_losses(self, n_rows: int) -> list:
         """Mean train loss of each head over the epoch; the one host sync of an epoch's steps."""
-        losses = self.loss_sum.tolist()
+        losses = (self.loss_sum / n_rows).tolist()
         self.loss_sum.zero_()
         return losses
 
