@@ -205,9 +205,11 @@ def _read_standardizable(paths, rows: dict, dims: list, table, *, dtype) -> tupl
         for path, dim in zip(paths, dims):
             block = cache.read_features(path, {"block": wanted[chosen]})["block"]
             _check_finite(block, table["image_id"][wanted[chosen]], path)
-            is_train = destination_split[chosen] == 0
-            sums[column:column + dim] += block[is_train].sum(axis=0, dtype=np.float64)
-            squares[column:column + dim] += np.square(block[is_train], dtype=np.float64).sum(axis=0)
+            train_block = block[destination_split[chosen] == 0]
+            # float32 squares summed in float64: no float64 copy of the block
+            sums[column:column + dim] += train_block.sum(axis=0, dtype=np.float64)
+            squares[column:column + dim] += np.square(train_block).sum(axis=0, dtype=np.float64)
+            del train_block
             for index, split in enumerate(SPLITS):
                 mine = destination_split[chosen] == index
                 matrices[split][destination_row[chosen[mine]], column:column + dim] = \
