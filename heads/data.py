@@ -106,12 +106,12 @@ class HeadData:
 TRAIN_ORDER_SEED = 0
 
 
-def load_head_data(cache_paths, *, device="cpu") -> HeadData:
+def load_head_data(cache_paths, *, device="cpu", dtype=np.float16) -> HeadData:
     """Read the done rows of every split from one cache or a list of caches of the same images,
     check them, standardize with train mean/std into float16. Val and test rows keep the
     cache's order; train rows are shuffled once (seeded). Several caches are joined by image
     id: their ids, patients, labels and splits must agree, and a row is used only where every
-    cache has it done."""
+    cache has it done. `dtype=np.float32` keeps full precision (to measure what float16 costs)."""
     paths = [cache_paths] if isinstance(cache_paths, (str, Path)) else list(cache_paths)
     if not paths:
         raise HeadsError("no cache given; pass --cache PATH")
@@ -132,7 +132,7 @@ def load_head_data(cache_paths, *, device="cpu") -> HeadData:
     done = np.logical_and.reduce([t["done"] for t in tables])
     rows, excluded = _split_rows(table, done, paths)
     dims = [int(a["feature_dim"]) for a in attrs_list]
-    matrices, sums, squares = _read_standardizable(paths, rows, dims, table)
+    matrices, sums, squares = _read_standardizable(paths, rows, dims, table, dtype=dtype)
     mean, std = _train_statistics(sums, squares, len(rows[TRAIN]))
     for block in matrices.values():
         _standardize_in_place(block, mean, std)
@@ -151,14 +151,14 @@ def load_head_data(cache_paths, *, device="cpu") -> HeadData:
                     official_nih=is_official_nih_test(table["image_id"][table["split"] == TEST]))
 
 
-def test_ids_sha256(image_ids) -> str:
+def image_ids_sha256(image_ids) -> str:
     """sha256 of a set of image ids: sorted, joined by newlines."""
     return hashlib.sha256("\n".join(sorted(map(str, image_ids))).encode()).hexdigest()
 
 
 def is_official_nih_test(image_ids) -> bool:
     """True when `image_ids` are exactly NIH's official test list (25,596 images)."""
-    return len(image_ids) == 25_596 and test_ids_sha256(image_ids) == NIH_TEST_IDS_SHA256
+    return len(image_ids) == 25_596 and image_ids_sha256(image_ids) == NIH_TEST_IDS_SHA256
 
 
 def _check_same_rows(first_path, first, first_attrs, path, table, attrs) -> None:
@@ -190,10 +190,10 @@ def _split_rows(table, done, paths) -> tuple[dict, dict]:
     return rows, excluded
 
 
-def _read_standardizable(paths, rows: dict, dims: list, table) -> tuple[dict, np.ndarray, np.ndarray]:
+def _read_standardizable(paths, rows: dict, dims: list, table, *, dtype) -> tuple[dict, np.ndarray, np.ndarray]:
     """float16 matrices per split (caches side by side in columns), filled block by block in
     file order, with the float64 sums and sums of squares of the train rows' raw features."""
-    matrices = {split: np.empty((len(r), sum(dims)), np.float16) for split, r in rows.items()}
+    matrices = {split: np.empty((len(r), sum(dims)), dtype) for split, r in rows.items()}
     sums, squares = np.zeros(sum(dims)), np.zeros(sum(dims))
     wanted = np.concatenate([rows[s] for s in SPLITS])
     destination_split = np.concatenate([np.full(len(rows[s]), i) for i, s in enumerate(SPLITS)])
@@ -205,9 +205,11 @@ def _read_standardizable(paths, rows: dict, dims: list, table) -> tuple[dict, np
         for path, dim in zip(paths, dims):
             block = cache.read_features(path, {"block": wanted[chosen]})["block"]
             _check_finite(block, table["image_id"][wanted[chosen]], path)
-            is_train = destination_split[chosen] == 0
-            sums[column:column + dim] += block[is_train].sum(axis=0, dtype=np.float64)
-            squares[column:column + dim] += np.square(block[is_train], dtype=np.float64).sum(axis=0)
+            train_block = block[destination_split[chosen] == 0]
+            # float32 squares summed in float64: no float64 copy of the block
+            sums[column:column + dim] += train_block.sum(axis=0, dtype=np.float64)
+            squares[column:column + dim] += np.square(train_block).sum(axis=0, dtype=np.float64)
+            del train_block
             for index, split in enumerate(SPLITS):
                 mine = destination_split[chosen] == index
                 matrices[split][destination_row[chosen[mine]], column:column + dim] = \

@@ -4,12 +4,13 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
 
 
 def auc_per_class(labels: np.ndarray, scores: np.ndarray) -> list:
     """scikit-learn's AUC for each column; None where a class has only one label value (it
     cannot be scored, and is left out of the mean)."""
+    from sklearn.metrics import roc_auc_score  # imported here: scikit-learn costs a second at start-up
+
     labels = np.asarray(labels)
     return [
         float(roc_auc_score(labels[:, c], scores[:, c])) if 0 < labels[:, c].sum() < len(labels) else None
@@ -85,6 +86,7 @@ def confidence_intervals(resampled: np.ndarray, *, level: float = 0.95) -> dict:
 
 def plot_roc_curves(path, *, labels, scores, classes, aucs, title: str) -> None:
     import matplotlib
+    from sklearn.metrics import roc_curve
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -125,7 +125,7 @@ def _run_pass(indices: list, settings_list: list, results: list, *, train, val, 
             for stack in stacks:
                 stack.train_step(x, targets, autocast=autocast)
         for stack in stacks:
-            _end_epoch(stack, epoch, tracks, results, val=val, start=start, on_epoch=on_epoch)
+            _end_epoch(stack, epoch, tracks, results, train=train, val=val, start=start, on_epoch=on_epoch)
 
 
 @dataclass
@@ -137,10 +137,10 @@ class _Track:
     best_val_auc: float = -1.0
 
 
-def _end_epoch(stack: HeadStack, epoch: int, tracks: dict, results: list, *, val, start, on_epoch) -> None:
+def _end_epoch(stack: HeadStack, epoch: int, tracks: dict, results: list, *, train, val, start, on_epoch) -> None:
     """Score every live head of the stack, record, keep the best weights, stop the heads that
     are done (failed, pruned, patience or max_epochs spent) and drop them from the stack."""
-    losses = stack.take_epoch_losses()
+    losses = stack.take_epoch_losses(n_rows=len(train))
     finite = [p for p, loss in enumerate(losses) if np.isfinite(loss)]
     for position, loss in enumerate(losses):
         if position not in finite:

@@ -5,9 +5,8 @@ the benchmarks all go through `fit_and_report`; `train_and_report` is the one-he
 The data walks one way: fit (train, val) -> score (val, test once) -> metrics -> write."""
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
-
-import sklearn
 
 from cache.runtime import versions
 from heads.data import HeadData, load_head_data
@@ -69,7 +68,7 @@ def run_config(*, cache_path, data, settings, device, class_weights_used: dict, 
                             "held as float16"),
         "selection": "epoch (and grid entry) with the best validation mean AUC; test is scored once, after training",
         "bootstrap": {"resamples": n_bootstrap, "unit": "patient", "seed": settings["seed"]},
-        "versions": versions(**{"scikit-learn": sklearn.__version__}),
+        "versions": versions(**{"scikit-learn": version("scikit-learn")}),
         **(extra or {}),
     }
 

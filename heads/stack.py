@@ -139,10 +139,12 @@ class HeadStack:
 
     def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(K,) class-weighted BCE of each head (heads.model.weighted_bce, per head)."""
+        # w_pos y l(z) + w_neg (1-y) l(-z) = w_neg [ (w_pos/w_neg) y l(z) + (1-y) l(-z) ]: torch's
+        # weight and pos_weight give it in one fused kernel instead of five element-wise ones
         per_element = F.binary_cross_entropy_with_logits(logits.float(), targets.expand_as(logits),
+                                                         weight=self.w_neg, pos_weight=self.w_pos / self.w_neg,
                                                          reduction="none")
-        weights = targets * self.w_pos + (1 - targets) * self.w_neg
-        return (per_element * weights).mean(dim=(1, 2))
+        return per_element.mean(dim=(1, 2))
 
     def train_step(self, x: torch.Tensor, targets: torch.Tensor, *, autocast) -> None:
         with autocast():
@@ -181,9 +183,9 @@ class HeadStack:
         shape[axis] = -1
         return values.view(shape)
 
-    def take_epoch_losses(self) -> list:
+    def take_epoch_losses(self, n_rows: int) -> list:
         """Mean train loss of each head over the epoch; the one host sync of an epoch's steps."""
-        losses = self.loss_sum.tolist()
+        losses = (self.loss_sum / n_rows).tolist()
         self.loss_sum.zero_()
         return losses
 

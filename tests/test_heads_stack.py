@@ -123,3 +123,17 @@ def test_auc_on_device_equals_scikit_learn_with_ties():
         for c in range(2):
             assert result[head, c] == pytest.approx(roc_auc_score(labels[:, c], scores[head, :, c]), abs=1e-12)
         assert np.isnan(result[head, 2])
+
+
+def test_the_stacks_fused_loss_is_the_weighted_bce_of_each_head(data):
+    from heads.model import class_weights, weighted_bce
+    from heads.stack import HeadStack
+
+    settings_list = [{**BASE, "class_weighting": scheme} for scheme in ("balanced", "sqrt", "none")]
+    stack = HeadStack(settings_list=settings_list, in_dim=24, train_labels=data.train.labels, device="cpu")
+    logits = torch.randn(3, 50, 14) * 3
+    targets = data.train.labels[:50]
+    losses = stack.losses(logits, targets)
+    for head, settings in enumerate(settings_list):
+        w_pos, w_neg = class_weights(data.train.labels, settings["class_weighting"])
+        assert losses[head].item() == pytest.approx(weighted_bce(logits[head], targets, w_pos, w_neg).item(), rel=1e-5)
