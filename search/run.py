@@ -29,7 +29,7 @@ from search import outdir
 from search.liveness import Liveness
 from search.passes import SearchContext, run_passes
 from search.report import print_standing, print_summary, write_search_outputs
-from search.storage import SearchError, is_shared, mask_text, mask_url
+from search.storage import SearchError, is_shared, mask_text, mask_url, parse_url
 from search.study import FINISHED, best_text, best_trial, count, fail_interrupted_trials, open_study, study_identity
 
 # Trials per pass when --trials-per-pass is not given, by device (measured: README, performance).
@@ -47,6 +47,13 @@ def _study_name(text):
     return text
 
 
+def _storage_url(text):
+    if not text.startswith("journal:") and parse_url(text) is None:
+        raise argparse.ArgumentTypeError(f"{mask_url(text)} is not a storage URL: use e.g. "
+                                         f"postgresql://user:password@host/db, sqlite:///path or journal:PATH")
+    return text
+
+
 def get_args_parser(add_help=True):
     parser = OneLineParser("python -m search", add_help=add_help,
                            description="Search head settings with Optuna against validation mean AUC.")
@@ -55,7 +62,7 @@ def get_args_parser(add_help=True):
     add_io_args(parser, out_help="search folder (default: outputs/search/<study-name>)", overwrite=False,
                 multi_cache=True)
     parser.add_argument("--study-name", type=_study_name, default="cxr14-heads")
-    parser.add_argument("--storage", default=None,
+    parser.add_argument("--storage", type=_storage_url, default=None,
                         help="default: sqlite:///<out>/study.db; postgresql://user:pw@host/db or mysql://... "
                              "for workers on several machines; journal:PATH for processes on one machine")
     parser.add_argument("--trials-per-pass", type=_at_least(int, 1), default=None,

@@ -192,6 +192,7 @@ def test_a_val_split_with_no_scorable_class_is_refused_before_any_trial(tmp_path
     ("--trials", "0"), ("--trials", "-3"), ("--trials", "x"), ("--n-jobs", "0"), ("--timeout", "0"),
     ("--timeout", "nan"), ("--timeout", "-1"), ("--trials-per-pass", "0"), ("--sampler-seed", "-1"),
     ("--stale-after", "1"), ("--stale-after", "inf"), ("--pruner", "sometimes"), ("--study-name", " "),
+    ("--storage", "not a url :Pw@"),
 ])
 def test_a_bad_flag_is_one_line_and_exit_2_before_any_work(flag, value, tmp_path):
     out = tmp_path / "s"
@@ -201,7 +202,7 @@ def test_a_bad_flag_is_one_line_and_exit_2_before_any_work(flag, value, tmp_path
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0], result.stderr
-    assert not out.exists()
+    assert not out.exists() and "Pw" not in result.stderr
 
 
 def test_out_that_is_a_file_or_a_foreign_folder_is_refused(small_cache, tmp_path):
