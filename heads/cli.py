@@ -1,13 +1,43 @@
 """Command-line pieces shared by the heads and search entry points (so no CLI imports another)."""
 from __future__ import annotations
 
+import argparse
+
 import cache
+from heads.settings import Valid, number_type
+
+BOOTSTRAP_VALID = Valid(1, 100_000)  # patient resamples; 1,000 gives CI ends to about +-0.005
 
 
-def add_io_args(parser, *, out_help: str, overwrite: bool = True) -> None:
-    parser.add_argument("--cache", default=cache.DEFAULT_CACHE, help="the HDF5 feature cache")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`prog: error: ...`, exit 2) without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+def add_io_args(parser, *, out_help: str, overwrite: bool = True, multi_cache: bool = False,
+                device: bool = True) -> None:
+    """--cache, --out, --overwrite, --device, --bootstrap. With `multi_cache`, --cache may be
+    given several times (a list; caches of the same images, their features side by side) and
+    `cache_paths(args)` reads it."""
+    if multi_cache:
+        parser.add_argument("--cache", action="append", default=None,
+                            help=f"an HDF5 feature cache; repeat to join several caches of the same images "
+                                 f"(default: {cache.DEFAULT_CACHE})")
+    else:
+        parser.add_argument("--cache", default=cache.DEFAULT_CACHE, help="the HDF5 feature cache")
     parser.add_argument("--out", default=None, help=out_help)
     if overwrite:
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the test CIs")
+    if device:
+        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--bootstrap", type=number_type(int, BOOTSTRAP_VALID), default=1000,
+                        help=f"patient resamples for the test CIs (allowed {BOOTSTRAP_VALID.describe()})")
+
+
+def cache_paths(args) -> list:
+    """The --cache values as a list (the default cache when none was given)."""
+    if args.cache is None:
+        return [cache.DEFAULT_CACHE]
+    return [args.cache] if isinstance(args.cache, str) else list(args.cache)

@@ -1,13 +1,34 @@
-"""The cache's done rows as in-memory tensors, one per split, standardized with train statistics."""
+"""The caches' done rows as in-memory tensors, one per split, standardized with train statistics.
+
+Features are held in float16 (the cache already stores float16): at NIH scale the matrix is
+460 MB instead of 920 MB in float32. They are standardized once, in place, block by block, so
+no float32 copy of the whole matrix ever exists; training converts one minibatch at a time.
+
+Several caches of the same images (e.g. two encoders) load as one matrix whose columns are the
+caches' feature blocks side by side, joined by image id; `HeadData.select` picks a subset of
+blocks without reading anything again.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import hashlib
 
 import numpy as np
 import torch
 
 import cache
-from cache.schema import SPLITS
+from cache.schema import SPLITS, TEST, TRAIN, VAL
+
+# Rows read and standardized per block: a 8192 x 2048 float32 block is 64 MiB, the only
+# full-precision memory the loader needs beyond the float16 matrix.
+BLOCK_ROWS = 8192
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+# sha256 of the 25,596 image ids of NIH's official test_list.txt, sorted, joined by newlines
+# (tests recompute it from the file when the metadata is at hand). Published figures are
+# printed beside a run only when its cache's test split is exactly this list.
+NIH_TEST_IDS_SHA256 = "38ca5ef7f756092946f57c1a59faca882ed589a1ab1f72590b45dc06c6d5e1cc"
 
 
 class HeadsError(Exception):
@@ -19,7 +40,7 @@ class Split:
     name: str
     image_ids: np.ndarray
     patient_ids: np.ndarray
-    features: torch.Tensor  # (n, D) float32, standardized
+    features: torch.Tensor  # (n, D) float16, standardized with train mean and std
     labels: torch.Tensor  # (n, C) float32 in {0, 1}
 
     def __len__(self):
@@ -30,22 +51,53 @@ class Split:
 class HeadData:
     splits: dict  # name -> Split
     classes: list
-    attrs: dict  # the cache's attributes
-    feature_mean: torch.Tensor
-    feature_std: torch.Tensor
-    excluded: dict  # split -> rows not done
+    attrs: dict  # the first cache's attributes (all caches: `caches`)
+    feature_mean: torch.Tensor  # (D,) float32, train mean of the raw features
+    feature_std: torch.Tensor  # (D,) float32, train std (1 where a feature is constant)
+    excluded: dict  # split -> rows not done (in any of the caches)
+    caches: list = field(default_factory=list)  # one dict per cache: path, fingerprint, attrs, columns
+    blocks: dict = field(default_factory=dict)  # block name -> (first column, end column)
+    official_nih: bool = False  # the test split is exactly NIH's official test_list.txt
 
     @property
     def train(self):
-        return self.splits["train"]
+        return self.splits[TRAIN]
 
     @property
     def val(self):
-        return self.splits["val"]
+        return self.splits[VAL]
 
     @property
     def test(self):
         return self.splits["test"]
+
+    @property
+    def fingerprints(self) -> list:
+        return [entry["fingerprint"] for entry in self.caches]
+
+    def select(self, names) -> "HeadData":
+        """The same rows with only the named feature blocks, in the order given. Blocks that are
+        adjacent columns come back as a view (no copy); other combinations are copied once."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [name for name in names if name not in self.blocks]
+        if unknown or not names:
+            raise HeadsError(f"unknown feature blocks {unknown or names}; the blocks are {list(self.blocks)}")
+        spans = [self.blocks[name] for name in names]
+        contiguous = all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+        if contiguous:
+            columns = slice(spans[0][0], spans[-1][1])
+        else:
+            columns = torch.cat([torch.arange(lo, hi) for lo, hi in spans])
+        splits = {name: replace(split, features=split.features[:, columns]) for name, split in self.splits.items()}
+        blocks, start = {}, 0
+        for name, (lo, hi) in zip(names, spans):
+            blocks[name] = (start, start + hi - lo)
+            start += hi - lo
+        chosen = [entry for name in names for entry in self.caches if entry["name"] == name]
+        caches = [dict(entry, columns=blocks[entry["name"]]) for entry in chosen]
+        return replace(self, splits=splits, feature_mean=self.feature_mean[columns],
+                       feature_std=self.feature_std[columns], caches=caches, blocks=blocks,
+                       attrs=caches[0]["attrs"])
 
 
 # Train rows are held in a seeded random order, so that a batch can be a contiguous slice of
@@ -54,43 +106,133 @@ class HeadData:
 TRAIN_ORDER_SEED = 0
 
 
-def load_head_data(cache_path, *, device="cpu") -> HeadData:
-    """Read the done rows of every split once, check them, standardize with train mean/std.
-    Val and test rows keep the cache's order; train rows are shuffled once (seeded)."""
-    attrs = cache.read_attrs(cache_path)
-    table = cache.read_table(cache_path)
-    pending = cache.pending_part_rows(cache_path)
-    if pending:
-        raise HeadsError(f"{cache_path} has {pending} extracted rows not merged yet (an interrupted "
-                         f"extract); rerun `python -m extract` with the same settings to finish it")
+def load_head_data(cache_paths, *, device="cpu", dtype=np.float16) -> HeadData:
+    """Read the done rows of every split from one cache or a list of caches of the same images,
+    check them, standardize with train mean/std into float16. Val and test rows keep the
+    cache's order; train rows are shuffled once (seeded). Several caches are joined by image
+    id: their ids, patients, labels and splits must agree, and a row is used only where every
+    cache has it done. `dtype=np.float32` keeps full precision (to measure what float16 costs)."""
+    paths = [cache_paths] if isinstance(cache_paths, (str, Path)) else list(cache_paths)
+    if not paths:
+        raise HeadsError("no cache given; pass --cache PATH")
+    if len({str(Path(p).resolve()) for p in paths}) < len(paths):
+        raise HeadsError(f"the same cache is given twice in {[str(p) for p in paths]}; give each cache once")
+    tables, attrs_list = [], []
+    for path in paths:
+        cache.check_readable(path)
+        attrs_list.append(cache.read_attrs(path))
+        tables.append(cache.read_table(path))
+        pending = cache.pending_part_rows(path)
+        if pending:
+            raise HeadsError(f"{path} has {pending} extracted rows not merged yet (an interrupted "
+                             f"extract); rerun `python -m extract` with the same settings to finish it")
+    for path, attrs, table in zip(paths[1:], attrs_list[1:], tables[1:]):
+        _check_same_rows(paths[0], tables[0], attrs_list[0], path, table, attrs)
+    table = tables[0]
+    done = np.logical_and.reduce([t["done"] for t in tables])
+    rows, excluded = _split_rows(table, done, paths)
+    dims = [int(a["feature_dim"]) for a in attrs_list]
+    matrices, sums, squares = _read_standardizable(paths, rows, dims, table, dtype=dtype)
+    mean, std = _train_statistics(sums, squares, len(rows[TRAIN]))
+    for block in matrices.values():
+        _standardize_in_place(block, mean, std)
+    splits = {}
+    for split in SPLITS:
+        splits[split] = Split(
+            name=split, image_ids=table["image_id"][rows[split]], patient_ids=table["patient_id"][rows[split]],
+            features=torch.from_numpy(matrices.pop(split)).to(device),
+            labels=torch.from_numpy(table["labels"][rows[split]].astype(np.float32)).to(device),
+        )
+    _check_val_scorable(splits[VAL], paths)
+    caches, blocks = _describe_caches(paths, attrs_list, dims)
+    return HeadData(splits=splits, classes=list(attrs_list[0]["classes"]), attrs=attrs_list[0],
+                    feature_mean=torch.from_numpy(mean), feature_std=torch.from_numpy(std), excluded=excluded,
+                    caches=caches, blocks=blocks,
+                    official_nih=is_official_nih_test(table["image_id"][table["split"] == TEST]))
+
+
+def image_ids_sha256(image_ids) -> str:
+    """sha256 of a set of image ids: sorted, joined by newlines."""
+    return hashlib.sha256("\n".join(sorted(map(str, image_ids))).encode()).hexdigest()
+
+
+def is_official_nih_test(image_ids) -> bool:
+    """True when `image_ids` are exactly NIH's official test list (25,596 images)."""
+    return len(image_ids) == 25_596 and image_ids_sha256(image_ids) == NIH_TEST_IDS_SHA256
+
+
+def _check_same_rows(first_path, first, first_attrs, path, table, attrs) -> None:
+    """Two caches join only if they describe the same images identically."""
+    if list(attrs["classes"]) != list(first_attrs["classes"]):
+        raise HeadsError(f"{path} has other classes than {first_path}; caches to combine must share classes")
+    if len(table["image_id"]) != len(first["image_id"]) or not np.array_equal(table["image_id"], first["image_id"]):
+        raise HeadsError(f"{path} and {first_path} hold different image ids; combine only caches of the same "
+                         f"images (same label CSV, split lists and val fraction)")
+    for name, what in (("patient_id", "patient ids"), ("labels", "labels"), ("split", "splits")):
+        differ = np.flatnonzero((table[name] != first[name]).reshape(len(table[name]), -1).any(axis=1))
+        if len(differ):
+            raise HeadsError(f"{path} and {first_path} disagree on the {what} of {len(differ)} images "
+                             f"(e.g. {first['image_id'][differ[0]]}); make both caches from the same labels and split")
+
+
+def _split_rows(table, done, paths) -> tuple[dict, dict]:
     rows, excluded = {}, {}
     for split in SPLITS:
         in_split = table["split"] == split
-        rows[split] = np.flatnonzero(in_split & table["done"])
-        if split == "train":
+        rows[split] = np.flatnonzero(in_split & done)
+        if split == TRAIN:
             rows[split] = np.random.default_rng(TRAIN_ORDER_SEED).permutation(rows[split])
-        excluded[split] = int((in_split & ~table["done"]).sum())
+        excluded[split] = int((in_split & ~done).sum())
         if len(rows[split]) == 0:
-            raise HeadsError(f"{cache_path}: no done rows in the {split} split "
+            where = paths[0] if len(paths) == 1 else " + ".join(map(str, paths))
+            raise HeadsError(f"{where}: no done rows in the {split} split "
                              f"({excluded[split]} not done); run `python -m extract --split {split}`")
-    features = cache.read_features(cache_path, rows)
-    for split, block in features.items():
-        _check_finite(block, table["image_id"][rows[split]], cache_path)
-    mean = features["train"].mean(axis=0)
+    return rows, excluded
+
+
+def _read_standardizable(paths, rows: dict, dims: list, table, *, dtype) -> tuple[dict, np.ndarray, np.ndarray]:
+    """float16 matrices per split (caches side by side in columns), filled block by block in
+    file order, with the float64 sums and sums of squares of the train rows' raw features."""
+    matrices = {split: np.empty((len(r), sum(dims)), dtype) for split, r in rows.items()}
+    sums, squares = np.zeros(sum(dims)), np.zeros(sum(dims))
+    wanted = np.concatenate([rows[s] for s in SPLITS])
+    destination_split = np.concatenate([np.full(len(rows[s]), i) for i, s in enumerate(SPLITS)])
+    destination_row = np.concatenate([np.arange(len(rows[s])) for s in SPLITS])
+    order = np.argsort(wanted, kind="stable")
+    for start in range(0, len(order), BLOCK_ROWS):
+        chosen = order[start:start + BLOCK_ROWS]
+        column = 0
+        for path, dim in zip(paths, dims):
+            block = cache.read_features(path, {"block": wanted[chosen]})["block"]
+            _check_finite(block, table["image_id"][wanted[chosen]], path)
+            train_block = block[destination_split[chosen] == 0]
+            # float32 squares summed in float64: no float64 copy of the block
+            sums[column:column + dim] += train_block.sum(axis=0, dtype=np.float64)
+            squares[column:column + dim] += np.square(train_block).sum(axis=0, dtype=np.float64)
+            del train_block
+            for index, split in enumerate(SPLITS):
+                mine = destination_split[chosen] == index
+                matrices[split][destination_row[chosen[mine]], column:column + dim] = \
+                    np.clip(block[mine], -FLOAT16_MAX, FLOAT16_MAX)
+            column += dim
+    return matrices, sums, squares
+
+
+def _train_statistics(sums, squares, n_train) -> tuple[np.ndarray, np.ndarray]:
+    mean = sums / n_train
+    std = np.sqrt(np.maximum(squares / n_train - mean ** 2, 0.0))
     # A constant feature (std 0) would divide by zero; leave it centred instead.
-    std = np.where(features["train"].std(axis=0) > 1e-6, features["train"].std(axis=0), 1.0).astype(np.float32)
-    splits = {}
-    for split in SPLITS:
-        block = features.pop(split)  # standardize in place: no second copy of the matrix
+    std = np.where(std > 1e-6, std, 1.0)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _standardize_in_place(matrix: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+    for start in range(0, len(matrix), BLOCK_ROWS):
+        block = matrix[start:start + BLOCK_ROWS].astype(np.float32)
         block -= mean
         block /= std
-        splits[split] = Split(
-            name=split, image_ids=table["image_id"][rows[split]], patient_ids=table["patient_id"][rows[split]],
-            features=torch.from_numpy(block).to(device),
-            labels=torch.from_numpy(table["labels"][rows[split]].astype(np.float32)).to(device),
-        )
-    return HeadData(splits=splits, classes=list(attrs["classes"]), attrs=attrs,
-                    feature_mean=torch.from_numpy(mean), feature_std=torch.from_numpy(std), excluded=excluded)
+        # a value far outside the train range would overflow float16 to inf
+        matrix[start:start + BLOCK_ROWS] = np.clip(block, -FLOAT16_MAX, FLOAT16_MAX)
 
 
 def _check_finite(block: np.ndarray, image_ids, cache_path) -> None:
@@ -98,3 +240,23 @@ def _check_finite(block: np.ndarray, image_ids, cache_path) -> None:
     if bad.any():
         raise HeadsError(f"{cache_path}: {int(bad.sum())} rows have NaN or infinite features "
                          f"(e.g. {list(image_ids[bad][:3])}); `python -m cache verify` and re-extract them")
+
+
+def _check_val_scorable(val: Split, paths) -> None:
+    """Early stopping needs a validation AUC: at least one class with both label values."""
+    positives = val.labels.sum(dim=0)
+    if not ((positives > 0) & (positives < len(val))).any():
+        raise HeadsError(f"{paths[0]}: no class has both positive and negative rows in the val split "
+                         f"({len(val)} rows), so no head can be chosen on validation; extract more val rows "
+                         f"or make the cache with a larger --val-fraction")
+
+
+def _describe_caches(paths, attrs_list, dims) -> tuple[list, dict]:
+    caches, blocks, start = [], {}, 0
+    for path, attrs, dim in zip(paths, attrs_list, dims):
+        name = str(path)
+        blocks[name] = (start, start + dim)
+        caches.append({"name": name, "path": str(Path(path).resolve()), "fingerprint": attrs["fingerprint"],
+                       "attrs": attrs, "columns": (start, start + dim)})
+        start += dim
+    return caches, blocks

@@ -4,12 +4,13 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
 
 
 def auc_per_class(labels: np.ndarray, scores: np.ndarray) -> list:
     """scikit-learn's AUC for each column; None where a class has only one label value (it
     cannot be scored, and is left out of the mean)."""
+    from sklearn.metrics import roc_auc_score  # imported here: scikit-learn costs a second at start-up
+
     labels = np.asarray(labels)
     return [
         float(roc_auc_score(labels[:, c], scores[:, c])) if 0 < labels[:, c].sum() < len(labels) else None
@@ -85,6 +86,7 @@ def confidence_intervals(resampled: np.ndarray, *, level: float = 0.95) -> dict:
 
 def plot_roc_curves(path, *, labels, scores, classes, aucs, title: str) -> None:
     import matplotlib
+    from sklearn.metrics import roc_curve
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -108,3 +110,28 @@ def plot_roc_curves(path, *, labels, scores, classes, aucs, title: str) -> None:
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.05, top=0.93, wspace=0.15, hspace=0.25)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def auc_on_device(labels, scores):
+    """AUC per (head, class) from ranks, on whatever device the tensors are on, so validation
+    needs no transfer of K x n x C scores: `labels` (n, C) in {0, 1}, `scores` (K, n, C); returns
+    (K, C) float64, NaN where a class has one label value. Ties get their average rank (counted
+    half), so the numbers equal roc_auc_score to float rounding."""
+    import torch
+
+    scores = scores.permute(0, 2, 1)  # (K, C, n): sort each head's class column
+    n_rows = scores.shape[-1]
+    ordered, order = torch.sort(scores, dim=-1)
+    position = torch.arange(n_rows, device=scores.device).expand_as(ordered)
+    differs = ordered[..., 1:] != ordered[..., :-1]
+    starts_group = torch.cat([torch.ones_like(differs[..., :1]), differs], dim=-1)
+    ends_group = torch.cat([differs, torch.ones_like(differs[..., :1])], dim=-1)
+    group_start = torch.where(starts_group, position, 0).cummax(dim=-1).values
+    group_end = torch.where(ends_group, position, n_rows).flip(-1).cummin(dim=-1).values.flip(-1)
+    midrank = (group_start + group_end).double() / 2 + 1
+    positive = labels.T.to(torch.float64).expand(scores.shape[0], -1, -1).gather(-1, order)
+    n_pos = positive.sum(dim=-1)
+    n_neg = n_rows - n_pos
+    rank_sum = (midrank * positive).sum(dim=-1)
+    auc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full_like(auc, float("nan")))

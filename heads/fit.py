@@ -1,8 +1,11 @@
-"""Training and inference of one head: fit on train with early stopping on validation,
-predict probabilities, save and load its checkpoint. No I/O beyond the checkpoint."""
+"""Training and inference of heads: fit one or many on train with early stopping on
+validation, predict probabilities, save and load a checkpoint. No I/O beyond the checkpoint.
+
+`fit_heads` trains any number of heads in one pass over the same minibatches (stacked by
+shape, heads/stack.py); `fit_head` is the one-head case."""
 from __future__ import annotations
 
-import copy
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -10,85 +13,201 @@ import numpy as np
 import torch
 
 from heads.data import HeadData, HeadsError
-from heads.evaluate import fast_auc_per_class, mean_auc
-from heads.model import build_head, class_weights, weighted_bce
+from heads.evaluate import auc_on_device
+from heads.model import build_head
+from heads.stack import HeadStack, bytes_per_head, shape_of
 
 PREDICT_CHUNK = 65536  # rows per forward pass when scoring: bounds activation memory
+# Memory the stacked heads of one pass may take (weights, optimizer state, activations);
+# more heads than fit are trained in further passes over the same minibatch order.
+STACK_BYTES = 2 * 2**30
+VALIDATION_BYTES = 256 * 2**20  # activations of one validation chunk, all heads of a stack
+SHARED_SETTINGS = ("batch_size", "seed")  # what heads sharing minibatches must agree on
 
 
 @dataclass
 class FitResult:
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # the head with its best-epoch weights (None: failed before any)
     best_epoch: int
     best_val_auc: float
     seconds: float
     history: list = field(default_factory=list)
     class_weights: dict = field(default_factory=dict)
+    status: str = "complete"  # "complete" | "pruned" | "failed"
+    fail_reason: str | None = None
+    settings: dict = field(default_factory=dict)
 
 
 def fit_head(*, train, val, settings: dict, device, on_epoch=None) -> FitResult:
-    """Train on `train`, pick the epoch with the best validation mean AUC (restoring its
-    weights), stop after `patience` epochs without improvement. Only train and val come in:
-    test cannot reach any choice made here. `on_epoch(epoch, val_auc)` may raise to stop
-    (Optuna pruning)."""
-    start = time.perf_counter()
-    torch.manual_seed(settings["seed"])
-    shuffle = torch.Generator(device="cpu").manual_seed(settings["seed"])
-    model = build_head(in_dim=train.features.shape[1], n_classes=train.labels.shape[1], depth=settings["depth"],
-                       width=settings["width"], dropout=settings["dropout"]).to(device)
-    optimizer_class = torch.optim.AdamW if settings["optimizer"] == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
-    w_pos, w_neg = class_weights(train.labels, settings["class_weighting"])
-    result = FitResult(model=model, best_epoch=0, best_val_auc=-1.0, seconds=0.0,
-                       class_weights={"scheme": settings["class_weighting"], "w_pos": w_pos.tolist(),
-                                      "w_neg": w_neg.tolist()})
-    best_state = None
-    for epoch in range(1, settings["max_epochs"] + 1):
-        loss = _train_one_epoch(model, optimizer, train, w_pos, w_neg, batch_size=settings["batch_size"],
-                                shuffle=shuffle)
-        if not np.isfinite(loss):
-            raise HeadsError(f"training loss became {loss} at epoch {epoch} (lr={settings['lr']:g}); "
-                             f"lower --lr or check the features with `python -m cache verify`")
-        val_auc = mean_auc(fast_auc_per_class(val.labels.cpu().numpy(), predict_proba(model, val.features)))
-        result.history.append({"epoch": epoch, "train_loss": loss, "val_mean_auc": val_auc,
-                               "seconds": round(time.perf_counter() - start, 3)})
-        if val_auc > result.best_val_auc:
-            result.best_val_auc, result.best_epoch = val_auc, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        if on_epoch is not None:
-            on_epoch(epoch, val_auc)
-        if epoch - result.best_epoch >= settings["patience"]:
-            break
-    model.load_state_dict(best_state)
-    result.seconds = time.perf_counter() - start
+    """Train one head on `train`, pick the epoch with the best validation mean AUC (restoring
+    its weights), stop after `patience` epochs without improvement. Only train and val come
+    in: test cannot reach any choice made here. `on_epoch(epoch, val_auc)` may raise or return
+    False to stop. A non-finite loss raises HeadsError."""
+    callback = None if on_epoch is None else (lambda _index, epoch, auc: on_epoch(epoch, auc) is not False)
+    result = fit_heads(train=train, val=val, settings_list=[settings], device=device, on_epoch=callback)[0]
+    if result.status == "failed":
+        raise HeadsError(result.fail_reason)
     return result
 
 
-def _train_one_epoch(model, optimizer, train, w_pos, w_neg, *, batch_size, shuffle) -> float:
-    """One pass over the (already shuffled) train rows in contiguous slices: a random offset
-    and a random slice order each epoch vary the batches without gathering rows."""
-    model.train()
-    n_rows = len(train)
+def fit_heads(*, train, val, settings_list: list, device, on_epoch=None, max_stack_bytes: int = STACK_BYTES) -> list:
+    """Train every head of `settings_list` on the same stream of minibatches; returns one
+    FitResult per entry, in order. The entries must share batch_size and seed (ValueError);
+    each keeps its own lr, weight decay, optimizer, dropout, class weighting, patience and
+    max_epochs. `on_epoch(index, epoch, val_auc) -> bool` is called for each live head after
+    each epoch; False stops that head (status "pruned"); exceptions propagate. A head whose
+    loss becomes non-finite stops with status "failed"; the others go on. Results equal
+    training each head alone with the same settings, to float rounding."""
+    settings_list = [dict(s) for s in settings_list]
+    if not settings_list:
+        return []
+    for name in SHARED_SETTINGS:
+        values = {s[name] for s in settings_list}
+        if len(values) > 1:
+            raise ValueError(f"heads trained in one pass share {name}; got {sorted(values)}")
+    results = [None] * len(settings_list)
+    for group in plan_passes(settings_list, in_dim=train.features.shape[1], n_classes=train.labels.shape[1],
+                             max_stack_bytes=max_stack_bytes):
+        _run_pass(group, settings_list, results, train=train, val=val, device=torch.device(device),
+                  on_epoch=on_epoch)
+    return results
+
+
+def plan_passes(settings_list: list, *, in_dim: int, n_classes: int, max_stack_bytes: int) -> list:
+    """Head indices per pass over the data: as many heads as fit in `max_stack_bytes`, at least
+    one. Heads are taken in their given order so that a pass mixes shapes as they come."""
+    passes, current, used = [], [], 0
+    for index, settings in enumerate(settings_list):
+        cost = bytes_per_head(in_dim=in_dim, n_classes=n_classes, shape=shape_of(settings),
+                              batch_size=settings["batch_size"])
+        if current and used + cost > max_stack_bytes:
+            passes.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += cost
+    return passes + [current]
+
+
+def _autocast_for(device: torch.device):
+    """bf16 autocast on a CUDA GPU that has it (fp32 master weights in the stack). On the CPU
+    the float16 batch is converted to float32 instead: CPUs without native bf16 run bf16
+    matmuls slower than fp32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _run_pass(indices: list, settings_list: list, results: list, *, train, val, device, on_epoch) -> None:
+    start = time.perf_counter()
+    shared = settings_list[indices[0]]
+    shuffle = torch.Generator(device="cpu").manual_seed(shared["seed"])
+    by_shape = {}
+    for index in indices:
+        by_shape.setdefault(shape_of(settings_list[index]), []).append(index)
+    stacks = []
+    for members in by_shape.values():
+        stack = HeadStack(settings_list=[settings_list[i] for i in members], in_dim=train.features.shape[1],
+                          train_labels=train.labels, device=device)
+        stack.indices = members
+        stacks.append(stack)
+    tracks = {i: _Track(settings_list[i]) for i in indices}
+    autocast = _autocast_for(device)
+    convert = device.type != "cuda" or autocast is contextlib.nullcontext
+    max_epochs = max(settings_list[i]["max_epochs"] for i in indices)
+    for epoch in range(1, max_epochs + 1):
+        stacks = [stack for stack in stacks if len(stack)]
+        if not stacks:
+            break
+        for first, stop in epoch_slices(len(train), shared["batch_size"], shuffle):
+            x = train.features[first:stop]
+            x = x.float() if convert else x
+            targets = train.labels[first:stop]
+            for stack in stacks:
+                stack.train_step(x, targets, autocast=autocast)
+        for stack in stacks:
+            _end_epoch(stack, epoch, tracks, results, train=train, val=val, start=start, on_epoch=on_epoch)
+
+
+@dataclass
+class _Track:
+    """What one head has done so far."""
+    settings: dict
+    history: list = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_auc: float = -1.0
+
+
+def _end_epoch(stack: HeadStack, epoch: int, tracks: dict, results: list, *, train, val, start, on_epoch) -> None:
+    """Score every live head of the stack, record, keep the best weights, stop the heads that
+    are done (failed, pruned, patience or max_epochs spent) and drop them from the stack."""
+    losses = stack.take_epoch_losses(n_rows=len(train))
+    finite = [p for p, loss in enumerate(losses) if np.isfinite(loss)]
+    for position, loss in enumerate(losses):
+        if position not in finite:
+            lr = stack.settings[position]["lr"]
+            reason = (f"training loss became {loss} at epoch {epoch} (lr={lr:g}); lower --lr or check the "
+                      f"features with `python -m cache verify`")
+            _finish(stack, position, tracks, results, status="failed", reason=reason, start=start)
+    _keep(stack, finite)
+    if not len(stack):
+        return
+    chunk_rows = max(1, VALIDATION_BYTES // (4 * len(stack) * sum(stack.sizes[1:])))
+    probabilities = torch.sigmoid(stack.predict_logits(val.features, chunk_rows=chunk_rows))
+    per_class = auc_on_device(val.labels, probabilities)
+    val_aucs = torch.nanmean(per_class, dim=1).tolist()  # one host sync per epoch for all heads
+    improved, stopping = [], {}
+    for position, (val_auc, index) in enumerate(zip(val_aucs, stack.indices)):
+        track = tracks[index]
+        track.history.append({"epoch": epoch, "train_loss": losses[finite[position]], "val_mean_auc": val_auc,
+                              "seconds": round(time.perf_counter() - start, 3)})
+        if val_auc > track.best_val_auc:
+            track.best_val_auc, track.best_epoch = val_auc, epoch
+            improved.append(position)
+    stack.remember_best(improved)
+    for position, (val_auc, index) in enumerate(zip(val_aucs, stack.indices)):
+        track = tracks[index]
+        if on_epoch is not None and on_epoch(index, epoch, val_auc) is False:
+            stopping[position] = "pruned"
+        elif epoch - track.best_epoch >= track.settings["patience"] or epoch >= track.settings["max_epochs"]:
+            stopping[position] = "complete"
+    for position, status in stopping.items():
+        _finish(stack, position, tracks, results, status=status, reason=None, start=start)
+    _keep(stack, [p for p in range(len(stack)) if p not in stopping])
+
+
+def _keep(stack: HeadStack, positions: list) -> None:
+    if len(positions) < len(stack):
+        stack.indices = [stack.indices[p] for p in positions]
+        stack.keep(positions)
+
+
+def _finish(stack: HeadStack, position: int, tracks: dict, results: list, *, status, reason, start) -> None:
+    index = stack.indices[position]
+    track = tracks[index]
+    w_pos, w_neg = stack.class_weights[position]
+    results[index] = FitResult(
+        model=stack.best_module(position) if track.best_epoch else None, best_epoch=track.best_epoch,
+        best_val_auc=track.best_val_auc, seconds=time.perf_counter() - start, history=track.history,
+        class_weights={"scheme": track.settings["class_weighting"], "w_pos": w_pos, "w_neg": w_neg},
+        status=status, fail_reason=reason, settings=track.settings)
+
+
+def epoch_slices(n_rows: int, batch_size: int, shuffle: torch.Generator) -> list:
+    """(start, stop) of each minibatch of one epoch over the (already shuffled) train rows, as
+    contiguous slices: a random offset and a random slice order each epoch vary the batches
+    without gathering rows."""
     offset = int(torch.randint(batch_size, (1,), generator=shuffle)) if n_rows > batch_size else 0
     starts = [0] + list(range(offset, n_rows, batch_size))
     stops = starts[1:] + [n_rows]
-    total = torch.zeros((), device=train.features.device)
-    for index in torch.randperm(len(starts), generator=shuffle).tolist():
-        start, stop = starts[index], stops[index]
-        if stop <= start:
-            continue
-        loss = weighted_bce(model(train.features[start:stop]), train.labels[start:stop], w_pos, w_neg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach() * (stop - start)
-    return float(total) / n_rows  # one host sync per epoch, not per step
+    order = torch.randperm(len(starts), generator=shuffle).tolist()
+    return [(starts[i], stops[i]) for i in order if stops[i] > starts[i]]
 
 
 @torch.inference_mode()
 def predict_proba(model, features: torch.Tensor) -> np.ndarray:
+    """(n, C) float32 probabilities of one head (nn.Module) for float16 or float32 features."""
     model.eval()
-    chunks = [torch.sigmoid(model(features[i:i + PREDICT_CHUNK])).float().cpu()
+    chunks = [torch.sigmoid(model(features[i:i + PREDICT_CHUNK].float())).float().cpu()
               for i in range(0, len(features), PREDICT_CHUNK)]
     return torch.cat(chunks).numpy()
 
@@ -98,7 +217,8 @@ def head_checkpoint(model, *, data: HeadData, settings: dict) -> dict:
     return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "settings": dict(settings),
             "in_dim": int(data.train.features.shape[1]), "classes": list(data.classes),
             "feature_mean": data.feature_mean.cpu(), "feature_std": data.feature_std.cpu(),
-            "cache_fingerprint": data.attrs["fingerprint"]}
+            "cache_fingerprint": data.attrs["fingerprint"],
+            "cache_fingerprints": list(data.fingerprints)}
 
 
 def load_head(checkpoint_path, *, device="cpu"):

@@ -2,12 +2,15 @@
 
     config.json          every resolved setting, the cache and its fingerprint, versions
     metrics.json         per-class val/test AUC, macro means, 95% CIs, best epoch, timing, rows
-    per_class_auc.csv    the table printed at the end, with published figures for context
+    per_class_auc.csv    the table printed at the end; published figures beside it only for a
+                         cache of the real NIH data with the official test split
     predictions_val.csv  image_id, patient_id, prob_<class> x C, label_<class> x C
     predictions_test.csv (recompute any AUC with sklearn; the CI needs patient_id)
     train_log.jsonl      one line per epoch: loss and validation mean AUC
     head.pt              state dict, settings and standardization (torch.load(weights_only=True))
     roc_curves.png       test ROC curve of every class
+    grid.csv             (a grid run) every head of the grid on validation; the chosen one marked
+    .cxr14-kit           marker: the kit wrote this folder, so --overwrite may replace it
 
 The directory is built under a temporary name and renamed when complete, so a failed run
 never leaves something that looks like a result.
@@ -34,20 +37,69 @@ def literature_auc() -> pd.DataFrame:
         return pd.read_csv(handle).set_index("class")
 
 
-def prepare_out_dir(out, *, overwrite: bool) -> Path:
-    """The temporary folder to build a run in; refuses to replace a finished run unasked."""
+# Written into every run directory the kit builds. `--overwrite` replaces only a folder that
+# holds it, and a leftover `<out>.partial` is removed only if it holds it: a user's own folder
+# that happens to share the name is never deleted.
+KIT_MARKER = ".cxr14-kit"
+
+
+def is_kit_dir(path) -> bool:
+    """True when `path` is a folder the kit created (it holds the marker file)."""
+    path = Path(path)
+    return path.is_dir() and (path / KIT_MARKER).is_file()
+
+
+def mark_kit_dir(path) -> None:
+    """Create `path` (and parents) as a kit-made folder."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / KIT_MARKER).write_text("written by cxr14-kit; `--overwrite` may replace this folder\n")
+
+
+def check_out_dir(out, *, overwrite: bool) -> None:
+    """Refuse, before any work, an --out that cannot become a run: a regular file, a folder the
+    kit did not write, or a finished run without --overwrite. Raises FileExistsError."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} already holds a run; pick another --out or pass --overwrite")
     partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder; pick another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_kit_dir(out):
+            raise FileExistsError(f"--out {out} is a folder the kit did not write; it is left alone: "
+                                  f"pick another --out")
+        if not overwrite:
+            raise FileExistsError(f"--out {out} already holds a run; pick another --out or pass --overwrite")
+    if partial.exists() and not is_kit_dir(partial):
+        raise FileExistsError(f"{partial} exists and was not written by the kit; it is left alone: move it "
+                              f"or pick another --out")
+
+
+def prepare_out_dir(out, *, overwrite: bool) -> Path:
+    """The temporary folder (`<out>.partial`, marked as the kit's) to build a run in, after
+    check_out_dir; a partial folder left by an earlier kit run is replaced."""
+    check_out_dir(out, overwrite=overwrite)
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    mark_kit_dir(partial)
     return partial
 
 
+def discard_partial(partial: Path) -> None:
+    """Remove a partial run after a failure, only if it is the kit's."""
+    if is_kit_dir(partial):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def finish_out_dir(partial: Path, out) -> Path:
+    """Move a complete run into place; the folder it replaces is the kit's (check_out_dir)."""
     out = Path(out)
-    shutil.rmtree(out, ignore_errors=True)
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not is_kit_dir(out)):
+            raise FileExistsError(f"--out {out} became something the kit did not write while the run was "
+                                  f"built; it is left alone and the run is kept in {partial}")
+        shutil.rmtree(out) if is_kit_dir(out) else out.rmdir()
     partial.rename(out)
     return out
 
@@ -58,9 +110,8 @@ def evaluate_split(split, scores: np.ndarray) -> dict:
             "not_scorable": [i for i, a in enumerate(aucs) if a is None]}
 
 
-def write_run(partial: Path, *, classes, config: dict, val, val_scores, test, test_scores,
-              fit: dict, checkpoint: dict | None, n_bootstrap: int, seed: int) -> dict:
-    """Write every file of a run into `partial`; returns metrics.json's content."""
+def score_run(*, classes, val, val_scores, test, test_scores, fit: dict, n_bootstrap: int, seed: int) -> dict:
+    """metrics.json's content: per-class AUCs, means, the test CI from a patient bootstrap."""
     metrics = {"val": evaluate_split(val, val_scores), "test": evaluate_split(test, test_scores), **fit}
     resampled = bootstrap_auc(test.labels.cpu().numpy(), test_scores, test.patient_ids,
                               n_resamples=n_bootstrap, seed=seed)
@@ -69,21 +120,29 @@ def write_run(partial: Path, *, classes, config: dict, val, val_scores, test, te
     for name in ("val", "test"):
         metrics[name]["auc"] = dict(zip(classes, metrics[name]["auc"]))
         metrics[name]["not_scorable"] = [classes[i] for i in metrics[name]["not_scorable"]]
+    return metrics
+
+
+def write_run(partial: Path, *, classes, config: dict, metrics: dict, val, val_scores, test, test_scores,
+              checkpoint: dict | None, official_nih: bool, tables: dict | None = None) -> None:
+    """Write every file of a run into `partial` from what was scored (nothing is computed here
+    but the plot)."""
     _write_json(partial / "config.json", config)
     _write_json(partial / "metrics.json", metrics)
-    table = per_class_table(classes, metrics)
-    table.to_csv(partial / "per_class_auc.csv", index=False, float_format="%.4f")
+    per_class_table(classes, metrics, official_nih=official_nih).to_csv(partial / "per_class_auc.csv", index=False,
+                                                                        float_format="%.4f")
     write_predictions(partial / "predictions_val.csv", val, val_scores, classes)
     write_predictions(partial / "predictions_test.csv", test, test_scores, classes)
     with open(partial / "train_log.jsonl", "w") as handle:
-        handle.writelines(json.dumps(line) + "\n" for line in fit.get("history", []))
+        handle.writelines(json.dumps(line) + "\n" for line in metrics.get("history", []))
+    for name, table in (tables or {}).items():
+        table.to_csv(partial / name, index=False, float_format="%.6g")
     if checkpoint is not None:
         torch.save(checkpoint, partial / "head.pt")
     test_aucs = [metrics["test"]["auc"][c] for c in classes]
     plot_roc_curves(partial / "roc_curves.png", labels=test.labels.cpu().numpy(), scores=test_scores,
                     classes=classes, aucs=test_aucs,
                     title=f"{config.get('model', 'head')}: test mean AUC {metrics['test']['mean_auc']:.3f}")
-    return metrics
 
 
 def _write_json(path, content) -> None:
@@ -110,8 +169,16 @@ def write_predictions(path, split, scores: np.ndarray, classes) -> None:
     pd.concat([frame, probabilities, label_frame], axis=1).to_csv(path, index=False, float_format="%.9g")
 
 
-def per_class_table(classes, metrics) -> pd.DataFrame:
+SYNTHETIC_NOTE = ("not the official NIH test split (synthetic or other data): published figures are not "
+                  "comparable and are not shown")
+
+
+def per_class_table(classes, metrics, *, official_nih: bool = False) -> pd.DataFrame:
+    """One row per class and one for the mean. The published columns are filled only when
+    the cache is the real NIH data with its official test split (`official_nih`)."""
     literature = literature_auc()
+    if not official_nih:
+        literature = literature * np.nan
     ci = metrics["test"]["ci95"]["per_class"]
     rows = []
     for index, name in enumerate(classes):
@@ -127,16 +194,23 @@ def per_class_table(classes, metrics) -> pd.DataFrame:
                  "val_auc": metrics["val"]["mean_auc"],
                  "wang2017_resnet50": literature["wang2017_resnet50"].reindex(scored).mean(),
                  "chexnet2017_densenet121": literature["chexnet2017_densenet121"].reindex(scored).mean()})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table["data"] = "NIH ChestX-ray14, official test split" if official_nih else "not the official NIH test split"
+    return table
 
 
 def format_table(table: pd.DataFrame) -> str:
+    """The table as printed: published columns only where the data is the real NIH test split."""
     def number(value):
         return "   -  " if value is None or pd.isna(value) else f"{value:.3f}"
 
-    lines = [f"{'class':<20} {'test AUC':>8}  {'95% CI':<15} {'val AUC':>7}   {'Wang17*':>7} {'CheXNet*':>8}"]
+    official = bool(table["wang2017_resnet50"].notna().any())
+    header = f"{'class':<20} {'test AUC':>8}  {'95% CI':<15} {'val AUC':>7}"
+    lines = [header + (f"   {'Wang17*':>7} {'CheXNet*':>8}" if official else "")]
     for row in table.itertuples():
-        lines.append(f"{row[1]:<20} {number(row.test_auc):>8}  [{number(row.ci95_low)}, {number(row.ci95_high)}]"
-                     f"  {number(row.val_auc):>7}   {number(row.wang2017_resnet50):>7} {number(row.chexnet2017_densenet121):>8}")
-    lines.append(f"* {LITERATURE_NOTE}")
+        line = f"{row[1]:<20} {number(row.test_auc):>8}  [{number(row.ci95_low)}, {number(row.ci95_high)}]  {number(row.val_auc):>7}"
+        if official:
+            line += f"   {number(row.wang2017_resnet50):>7} {number(row.chexnet2017_densenet121):>8}"
+        lines.append(line)
+    lines.append(f"* {LITERATURE_NOTE}" if official else f"({SYNTHETIC_NOTE})")
     return "\n".join(lines)

@@ -1,69 +1,96 @@
-"""One head, start to finish: fit it, score validation and (once) test, write its run
-directory. `heads.train`, `search` (its best trial) and the benchmarks call `train_and_report`."""
+"""An estimator, start to finish: fit it, score validation and (once) test, write its run
+directory. `heads.train` (a head or a grid), `heads.baseline`, `search` (its best trial) and
+the benchmarks all go through `fit_and_report`; `train_and_report` is the one-head case.
+
+The data walks one way: fit (train, val) -> score (val, test once) -> metrics -> write."""
 from __future__ import annotations
 
-import shutil
+from importlib.metadata import version
 from pathlib import Path
-
-import sklearn
 
 from cache.runtime import versions
 from heads.data import HeadData, load_head_data
-from heads.fit import fit_head, head_checkpoint, predict_proba
+from heads.estimator import Head
 from heads.model import WEIGHTING_FORMULA
-from heads.report import finish_out_dir, format_table, per_class_table, prepare_out_dir, write_run
+from heads.report import (
+    discard_partial, finish_out_dir, format_table, per_class_table, prepare_out_dir, score_run, write_run,
+)
 
 
 def train_and_report(*, cache_path, settings: dict, out, device, overwrite=False, n_bootstrap=1000,
                      data: HeadData | None = None, extra_config: dict | None = None, quiet=False):
     """Fit one head and write its complete run directory; returns (run dir, metrics)."""
+    return fit_and_report(Head(settings, device=device), cache_path=cache_path, out=out, device=device,
+                          overwrite=overwrite, n_bootstrap=n_bootstrap, data=data, extra_config=extra_config,
+                          quiet=quiet)
+
+
+def fit_and_report(estimator, *, cache_path, out, device, overwrite=False, n_bootstrap=1000,
+                   data: HeadData | None = None, extra_config: dict | None = None, quiet=False):
+    """Fit `estimator` (heads.estimator) on train/val, score val and test once, write the run
+    directory under `<out>.partial` and move it into place; returns (run dir, metrics)."""
     data = data or load_head_data(cache_path, device=device)
     partial = prepare_out_dir(out, overwrite=overwrite)
     try:
-        fit = fit_head(train=data.train, val=data.val, settings=settings, device=device)
-        val_scores = predict_proba(fit.model, data.val.features)
-        test_scores = predict_proba(fit.model, data.test.features)  # the one use of test
+        estimator.fit(data.train, data.val)
+        val_scores = estimator.predict_proba(data.val.features)
+        test_scores = estimator.predict_proba(data.test.features)  # the one use of test
+        settings = estimator.chosen_settings()
+        fit = {**estimator.fit_summary(), "rows": {name: len(split) for name, split in data.splits.items()},
+               "rows_not_done": data.excluded}
+        metrics = score_run(classes=data.classes, val=data.val, val_scores=val_scores, test=data.test,
+                            test_scores=test_scores, fit=fit, n_bootstrap=n_bootstrap, seed=settings["seed"])
         config = run_config(cache_path=cache_path, data=data, settings=settings, device=device,
-                            class_weights_used=fit.class_weights,
-                            n_bootstrap=n_bootstrap, extra=extra_config)
-        metrics = write_run(
-            partial, classes=data.classes, config=config, val=data.val, val_scores=val_scores, test=data.test,
-            test_scores=test_scores, checkpoint=head_checkpoint(fit.model, data=data, settings=settings),
-            n_bootstrap=n_bootstrap, seed=settings["seed"],
-            fit={"best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "train_seconds": round(fit.seconds, 3),
-                 "rows": {name: len(split) for name, split in data.splits.items()},
-                 "rows_not_done": data.excluded, "history": fit.history},
-        )
+                            class_weights_used=estimator.class_weights_used(), n_bootstrap=n_bootstrap,
+                            extra={"model": estimator.kind, **(extra_config or {})})
+        write_run(partial, classes=data.classes, config=config, metrics=metrics, val=data.val,
+                  val_scores=val_scores, test=data.test, test_scores=test_scores,
+                  checkpoint=estimator.checkpoint(data), official_nih=data.official_nih, tables=estimator.tables())
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        discard_partial(partial)
         raise
     run_dir = finish_out_dir(partial, out)
     if not quiet:
-        print_summary(run_dir, data=data, metrics=metrics)
+        print_summary(run_dir, data=data, metrics=metrics, model=estimator.kind)
     return run_dir, metrics
 
 
 def run_config(*, cache_path, data, settings, device, class_weights_used: dict, n_bootstrap, extra=None) -> dict:
+    """config.json: every resolved setting, every cache used (path, fingerprint, columns), versions."""
     return {
-        "model": "head", "settings": settings, "cache": str(Path(cache_path).resolve()),
+        "model": "head", "settings": settings, "cache": str(Path(_first(cache_path)).resolve()),
         "cache_fingerprint": data.attrs["fingerprint"],
+        "caches": [{key: entry[key] for key in ("name", "path", "fingerprint", "columns")} for entry in data.caches],
         "cache_attrs": {k: v for k, v in data.attrs.items() if k not in ("versions", "created")},
+        "official_nih_test_split": data.official_nih,
         "device": str(device), "class_weights": {**class_weights_used, "formula": WEIGHTING_FORMULA},
-        "standardization": "features minus train mean, divided by train std (stored in head.pt)",
-        "selection": "epoch with the best validation mean AUC; test is scored once, after training",
+        "standardization": ("features minus train mean, divided by train std (stored in head.pt), "
+                            "held as float16"),
+        "selection": "epoch (and grid entry) with the best validation mean AUC; test is scored once, after training",
         "bootstrap": {"resamples": n_bootstrap, "unit": "patient", "seed": settings["seed"]},
-        "versions": versions(**{"scikit-learn": sklearn.__version__}),
+        "versions": versions(**{"scikit-learn": version("scikit-learn")}),
         **(extra or {}),
     }
 
 
-def print_summary(run_dir, *, data: HeadData, metrics: dict) -> None:
-    print(format_table(per_class_table(data.classes, metrics)))
+def _first(cache_paths):
+    return cache_paths if isinstance(cache_paths, (str, Path)) else list(cache_paths)[0]
+
+
+def print_summary(run_dir, *, data: HeadData, metrics: dict, model: str = "head") -> None:
+    print(format_table(per_class_table(data.classes, metrics, official_nih=data.official_nih)))
     rows = ", ".join(f"{n} {metrics['rows'][n]}" for n in ("train", "val", "test"))
     skipped = {k: v for k, v in data.excluded.items() if v}
     print(f"\nrows: {rows}" + (f" (not done, excluded: {skipped})" if skipped else ""))
     if metrics["test"]["not_scorable"]:
         print(f"not scorable on test (one label value only), left out of the mean: {metrics['test']['not_scorable']}")
-    print(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']} (validation mean AUC "
-          f"{metrics['val']['mean_auc']:.4f}); trained in {metrics['train_seconds']:.1f}s")
+    if "grid" in metrics:
+        print(f"grid: {metrics['grid']['heads']} heads trained in {metrics['grid']['pass_seconds']:.1f}s; "
+              f"the best on validation is scored (all of them: grid.csv)")
+    if "best_epoch" in metrics:
+        print(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']} (validation mean AUC "
+              f"{metrics['val']['mean_auc']:.4f}); trained in {metrics['train_seconds']:.1f}s")
+    else:
+        print(f"{model} trained in {metrics['train_seconds']:.1f}s; validation mean AUC "
+              f"{metrics['val']['mean_auc']:.4f}")
     print(f"run directory: {run_dir}")

@@ -7,7 +7,30 @@ into Optuna suggestions. A space is ("int", low, high), ("float", low, high),
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Valid:
+    """The values a setting accepts: numbers from `low` to `high`, each end included unless
+    marked open; NaN and infinities never. Checked when the command line is parsed."""
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        high = "inf)" if math.isinf(self.high) else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {high}"
 
 
 @dataclass(frozen=True)
@@ -18,37 +41,94 @@ class Setting:
     space: tuple | None = None  # None: not searched
     choices: tuple | None = None
     hidden_only: bool = False  # meaningless for a linear head (depth 0): not searched there
+    valid: Valid | None = None  # the range of a numeric setting
 
 
 SETTINGS = (
-    Setting("depth", 0, "hidden layers; 0 is a linear (logistic) head", ("int", 0, 4)),
-    Setting("width", 512, "units per hidden layer", ("choice", [128, 256, 512, 1024]), hidden_only=True),
-    Setting("dropout", 0.0, "dropout after each hidden layer", ("float", 0.0, 0.6), hidden_only=True),
-    Setting("lr", 1e-3, "learning rate", ("log", 1e-5, 1e-2)),
-    Setting("weight_decay", 0.0, "L2 penalty (Adam) or decoupled decay (AdamW)", ("log", 1e-7, 1e-2)),
-    Setting("batch_size", 512, "rows per step", ("choice", [256, 512, 1024, 2048])),
+    # depth and width bound the memory of one head: depth 8 x width 8192 is 2.2 GB of weights
+    Setting("depth", 0, "hidden layers; 0 is a linear (logistic) head", ("int", 0, 4), valid=Valid(0, 8)),
+    Setting("width", 512, "units per hidden layer", ("choice", [128, 256, 512, 1024]), hidden_only=True,
+            valid=Valid(1, 8192)),
+    Setting("dropout", 0.0, "dropout after each hidden layer", ("float", 0.0, 0.6), hidden_only=True,
+            valid=Valid(0.0, 1.0, high_open=True)),
+    Setting("lr", 1e-3, "learning rate", ("log", 1e-5, 1e-2), valid=Valid(0.0, 1.0, low_open=True)),
+    Setting("weight_decay", 0.0, "L2 penalty (Adam) or decoupled decay (AdamW)", ("log", 1e-7, 1e-2),
+            valid=Valid(0.0)),
+    Setting("batch_size", 512, "rows per step", ("choice", [256, 512, 1024, 2048]), valid=Valid(1, 2 ** 20)),
     Setting("class_weighting", "balanced",
             "BCE weights per class from train frequencies: balanced, sqrt (of balanced), none",
             ("choice", ["balanced", "sqrt", "none"]), choices=("balanced", "sqrt", "none")),
     Setting("optimizer", "adam", "adam or adamw", choices=("adam", "adamw")),
-    Setting("max_epochs", 100, "upper bound on epochs; early stopping usually ends sooner"),
-    Setting("patience", 5, "epochs without a better validation mean AUC before stopping"),
-    Setting("seed", 0, "seed for initialisation, shuffling and dropout"),
+    Setting("max_epochs", 100, "upper bound on epochs; early stopping usually ends sooner", valid=Valid(1, 100_000)),
+    Setting("patience", 5, "epochs without a better validation mean AUC before stopping", valid=Valid(1, 100_000)),
+    Setting("seed", 0, "seed for initialisation, shuffling and dropout", valid=Valid(0, 2 ** 63 - 1)),
 )
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 DEFAULTS = {setting.name: setting.default for setting in SETTINGS}
 
 
-def add_setting_args(parser: argparse.ArgumentParser, *, searched: bool = True) -> None:
-    """One option per setting; `searched=False` leaves out the ones a search chooses."""
+def option(setting: Setting) -> str:
+    return f"--{setting.name.replace('_', '-')}"
+
+
+def parse_value(setting: Setting, text: str):
+    """One command-line value of `setting`, checked against its type, choices and range;
+    raises argparse.ArgumentTypeError with the allowed range (argparse turns it into one
+    line and exit 2)."""
+    if setting.choices is not None:
+        if text not in setting.choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(setting.choices)}")
+        return text
+    return parse_number(text, kind=type(setting.default), valid=setting.valid)
+
+
+def parse_number(text: str, *, kind, valid: Valid):
+    """`text` as an int or float inside `valid`, or argparse.ArgumentTypeError naming the range."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}; "
+                                         f"allowed: {valid.describe()}") from None
+    if not valid.contains(value):
+        raise argparse.ArgumentTypeError(f"{text} is outside the allowed range {valid.describe()}")
+    return value
+
+
+def number_type(kind, valid: Valid):
+    """argparse `type=` for a number option outside the head settings (e.g. --bootstrap)."""
+    def parse(text: str):
+        return parse_number(text, kind=kind, valid=valid)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def value_parser(setting: Setting, *, grid: bool):
+    """argparse `type=` for a setting; with `grid`, a comma list gives a tuple of values."""
+    def parse(text: str):
+        if grid and "," in text:
+            values = tuple(parse_value(setting, part.strip()) for part in text.split(","))
+            if len(set(values)) < len(values):
+                raise argparse.ArgumentTypeError(f"{text!r} lists a value twice")
+            return values
+        return parse_value(setting, text)
+    parse.__name__ = setting.name  # argparse names the type in some messages
+    return parse
+
+
+def add_setting_args(parser: argparse.ArgumentParser, *, searched: bool = True, grid: bool = False) -> None:
+    """One option per setting; `searched=False` leaves out the ones a search chooses. With
+    `grid`, the searched settings also take comma lists (heads.train trains every combination)."""
     group = parser.add_argument_group("head settings (defaults and search ranges: heads/settings.py)")
     for setting in SETTINGS:
         if not searched and setting.space is not None:
             continue
         searched_in = f"; search: {describe_space(setting.space)}" if setting.space else ""
-        group.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default),
-                           default=setting.default, choices=setting.choices,
-                           help=f"{setting.help} (default: {setting.default}{searched_in})")
+        allowed = f"; allowed {setting.valid.describe()}" if setting.valid else ""
+        listed = "; a comma list trains each value" if grid and setting.space else ""
+        group.add_argument(option(setting), type=value_parser(setting, grid=grid and setting.space is not None),
+                           default=setting.default,
+                           metavar=setting.name.upper() if setting.choices is None else "{" + ",".join(setting.choices) + "}",
+                           help=f"{setting.help} (default: {setting.default}{allowed}{searched_in}{listed})")
 
 
 def describe_space(space: tuple) -> str:
@@ -61,6 +141,15 @@ def describe_space(space: tuple) -> str:
 def settings_from_args(args) -> dict:
     """The settings given on the command line (those the parser has), over the defaults."""
     return {name: getattr(args, name, default) for name, default in DEFAULTS.items()}
+
+
+def settings_grid(args) -> list:
+    """Every combination of the settings given as comma lists (one dict when none is), in the
+    order the lists were written."""
+    given = settings_from_args(args)
+    listed = {name: value for name, value in given.items() if isinstance(value, tuple)}
+    combinations = itertools.product(*listed.values())
+    return [{**given, **dict(zip(listed, values))} for values in combinations]
 
 
 def search_space() -> dict:

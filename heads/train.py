@@ -2,33 +2,42 @@
 on validation, score it once on test, and write a run directory (see heads/report.py).
 
     python -m heads.train --cache outputs/cache/features.h5 --depth 1 --width 512
+    python -m heads.train --lr 1e-4,3e-4,1e-3 --weight-decay 0,1e-4   # a grid: 6 heads, one pass
+    python -m heads.train --cache resnet.h5 --cache densenet.h5        # two caches side by side
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 
 import cache
 from cache.runtime import DeviceUnavailable, resolve_device
 from heads import settings as head_settings
-from heads.cli import add_io_args
-from heads.data import HeadsError
-from heads.run import train_and_report
+from heads.cli import OneLineParser, add_io_args, cache_paths
+from heads.data import HeadsError, load_head_data
+from heads.estimator import Head, HeadGrid
+from heads.report import check_out_dir
+from heads.run import fit_and_report
 
 
 def get_args_parser(add_help=True, description="Train a multi-label head on the feature cache."):
-    parser = argparse.ArgumentParser("python -m heads.train", add_help=add_help, description=description)
-    add_io_args(parser, out_help="run directory (default: outputs/runs/head-<time>)")
-    head_settings.add_setting_args(parser)
+    parser = OneLineParser("python -m heads.train", add_help=add_help, description=description)
+    add_io_args(parser, out_help="run directory (default: outputs/runs/head-<time>)", multi_cache=True)
+    head_settings.add_setting_args(parser, grid=True)
     return parser
 
 
 def main(args) -> int:
     out = args.out or f"outputs/runs/head-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    grid = head_settings.settings_grid(args)
     try:
-        train_and_report(cache_path=args.cache, settings=head_settings.settings_from_args(args), out=out,
-                         device=resolve_device(args.device), overwrite=args.overwrite, n_bootstrap=args.bootstrap)
+        check_out_dir(out, overwrite=args.overwrite)  # before any work
+        device = resolve_device(args.device)
+        paths = cache_paths(args)
+        data = load_head_data(paths, device=device)
+        estimator = Head(grid[0], device=device) if len(grid) == 1 else HeadGrid(grid, device=device)
+        fit_and_report(estimator, cache_path=paths, data=data, out=out, device=device, overwrite=args.overwrite,
+                       n_bootstrap=args.bootstrap)
     except (cache.CacheError, HeadsError, FileExistsError, DeviceUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
+
+from heads.report import is_kit_dir
+from heads.run import print_summary as print_run_summary
+from search.storage import mask_url
 
 
 def write_search_outputs(out, *, study, best, settings, metrics, config) -> None:
@@ -53,3 +59,54 @@ def plot_search(out, study) -> None:
         axes.figure.set_size_inches(9, 5)
         axes.figure.savefig(out / "param_importances.png", dpi=90, bbox_inches="tight")
         plt.close(axes.figure)
+
+
+def print_summary(study, *, out, url, ran, seconds, best, metrics, run_dir, data) -> None:
+    """The study's counts (and how many trials this process finished), the best trial, its run."""
+    states = {state: len(study.get_trials(deepcopy=False, states=(state,)))
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    print(f"\nstudy {study.study_name!r}: {states[TrialState.COMPLETE]} complete, {states[TrialState.PRUNED]} pruned, "
+          f"{states[TrialState.FAIL]} failed; this process finished {ran} of them in {seconds:.1f}s")
+    print(f"best trial #{best.number}: validation mean AUC {best.value:.4f} with {best.params}")
+    print("retrained and scored once on test:\n")
+    print_run_summary(run_dir, data=data, metrics=metrics)
+    print(f"search folder: {out} (trials.csv, best_params.json, optimization_history.png, param_importances.png)")
+    print(f"study storage: {mask_url(url)}   browse it: optuna-dashboard {mask_url(url)}")
+
+
+STANDING_DEPTH = 4  # how deep under the output tree run directories are looked for
+
+
+def output_tree(out: Path) -> Path:
+    """The tree whose runs the best run is set against: `outputs/` for the default
+    `outputs/search/<study>`, else the folder holding the search folder."""
+    return out.parent.parent if out.parent.name == "search" else out.parent
+
+
+def find_runs(root: Path) -> list:
+    """Run directories the kit wrote under `root` (a marker and a metrics.json), nearest first."""
+    runs = []
+    for depth in range(1, STANDING_DEPTH + 1):
+        for metrics in sorted(root.glob("/".join(["*"] * depth) + "/metrics.json")):
+            if is_kit_dir(metrics.parent):
+                runs.append(metrics.parent)
+    return runs
+
+
+def print_standing(out: Path, run_dir: Path) -> None:
+    """Where the best run stands, by test mean AUC, among the other runs in the same output tree."""
+    root = output_tree(Path(out))
+    scores = {}
+    for run in find_runs(root):
+        try:
+            scores[run.resolve()] = json.loads((run / "metrics.json").read_text())["test"]["mean_auc"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a run this version can read: left out of the standing
+    mine = scores.pop(Path(run_dir).resolve(), None)
+    if mine is None or not scores:
+        return
+    rank = 1 + sum(score > mine for score in scores.values())
+    leader = max(scores, key=scores.get)
+    print(f"\namong {len(scores) + 1} runs under {root}: this best run is #{rank} by test mean AUC ({mine:.4f}; "
+          f"best of the others {scores[leader]:.4f}, {leader})")
+    print(f"is the difference real? paired test on the same patients: python -m heads.compare {run_dir} {leader}")

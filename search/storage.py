@@ -1,61 +1,136 @@
 """Where a study lives: an embedded SQLite file by default, a PostgreSQL/MySQL URL for workers
-on several machines, or an Optuna journal file (`journal:PATH`) for processes on one machine."""
+on several machines, or an Optuna journal file (`journal:PATH`) for processes on one machine.
+
+A storage URL may hold a password (in `user:password@`, or as a query parameter such as
+`?password=`). It is parsed with SQLAlchemy's URL object, and only its masked form is ever
+printed or written: `mask_url` for the URL, `mask_text` for any message that may quote it.
+"""
 from __future__ import annotations
 
 import random
-import re
 import time
 import warnings
+from urllib.parse import quote, quote_plus
 
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
+from sqlalchemy.engine import URL, make_url
 
-# Workers on a shared database beat every HEARTBEAT_S; a RUNNING trial silent for GRACE_S
-# belonged to a worker that died, and is marked FAIL so that the study can still reach N.
-HEARTBEAT_S, GRACE_S = 10, 60
+# Workers on a shared database beat every HEARTBEAT_S; a RUNNING trial silent for
+# --stale-after seconds belonged to a worker that died, and is marked FAIL so that the study
+# can still reach N. Optuna wants at least a few beats inside the grace period.
+HEARTBEAT_PER_GRACE = 6
 SCHEMA_RACE_RETRIES = 3
-
-
-# user:password@ up to the last "@", since a password may itself contain "@"
-_CREDENTIALS = r"(://[^:/@]+:)(.*)(@[^@]*$)"
+MASK = "***"
+# Query parameters whose value is a credential (matched as substrings, case-insensitive).
+SECRET_QUERY_NAMES = ("password", "passwd", "pwd", "secret", "token")
 
 
 class SearchError(Exception):
     """A study that cannot be opened, resumed or trusted."""
 
 
+def parse_url(url: str) -> URL | None:
+    """SQLAlchemy's reading of `url`, with an unencoded '@' inside the password put back where
+    the user meant it (SQLAlchemy ends the password at the first '@', so the rest of the
+    password would otherwise be taken for the host). None for journal files and for text that
+    is not a URL at all."""
+    if url.startswith("journal:"):
+        return None
+    try:
+        parsed = make_url(url)
+    except Exception:  # sqlalchemy.exc.ArgumentError and friends: not a URL
+        return None
+    if parsed.password is not None and parsed.host and "@" in parsed.host:
+        rest_of_password, _, host = parsed.host.rpartition("@")
+        parsed = parsed.set(password=f"{parsed.password}@{rest_of_password}", host=host)
+    return parsed
+
+
+def _is_secret_name(name: str) -> bool:
+    return any(word in name.lower() for word in SECRET_QUERY_NAMES)
+
+
+def secrets_in(url: str) -> list[str]:
+    """Every credential the URL holds, longest first: the password (and its pieces around an '@')
+    and the secret-named query values, each also percent-encoded."""
+    parsed = parse_url(url)
+    if parsed is None:
+        return []
+    found = []
+    if parsed.password:
+        found.append(str(parsed.password))
+        # the pieces a naive reader of an unencoded '@' would split it into (too short ones would
+        # mask ordinary words, and alone give little away)
+        found += [piece for piece in str(parsed.password).split("@") if len(piece) >= 3]
+    for name, value in parsed.query.items():
+        if _is_secret_name(name):
+            found += [value] if isinstance(value, str) else list(value)
+    found = [secret for secret in found if secret]
+    # Drivers and SQLAlchemy may quote a secret percent-encoded; hide those spellings too.
+    found += [form for secret in found for form in (quote(secret, safe=""), quote_plus(secret))]
+    return sorted(set(found), key=len, reverse=True)
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ***: what every message and file shows."""
-    return re.sub(_CREDENTIALS, r"\1***\3", url)
+    """The URL with its password and secret query values replaced by ***: what every message and
+    file shows. Something that is not a URL is shown by its scheme only, since where its secret
+    sits cannot be known."""
+    if url.startswith("journal:"):
+        return url
+    parsed = parse_url(url)
+    if parsed is None:
+        scheme, sep, _ = url.partition("://")
+        return f"{scheme}://{MASK} (not a valid URL)" if sep else f"{MASK} (not a valid URL)"
+    if parsed.password is not None:
+        parsed = parsed.set(password=MASK)
+    secret_query = {name: MASK for name in parsed.query if _is_secret_name(name)}
+    if secret_query:
+        parsed = parsed.update_query_dict(secret_query)
+    # Render without percent-encoding the mask, so that it reads as *** and not %2A%2A%2A.
+    return parsed.render_as_string(hide_password=False).replace(quote(MASK, safe=""), MASK)
 
 
-def mask_text(text: str, url: str) -> str:
-    """`text` with the URL's password removed wherever it occurs (drivers quote it in errors)."""
-    match = re.search(_CREDENTIALS, url)
+def mask_text(text: str, url: str | None) -> str:
+    """`text` with every secret of `url` removed wherever it occurs (drivers quote it in errors)."""
+    if not url:
+        return text
     text = text.replace(url, mask_url(url))
-    return text.replace(match.group(2), "***") if match and match.group(2) else text
+    for secret in secrets_in(url):
+        text = text.replace(secret, MASK)
+    return text
 
 
 def is_shared(url: str) -> bool:
     return not url.startswith("sqlite")
 
 
-def open_storage(url: str):
-    """An Optuna storage for `url`, with a clear SearchError (password masked) if unusable."""
+def has_heartbeat(url: str) -> bool:
+    """Database storages beat for their RUNNING trials (Optuna's heartbeat); a journal file cannot."""
+    return is_shared(url) and not url.startswith("journal:")
+
+
+def open_storage(url: str, *, stale_after: float):
+    """An Optuna storage for `url`, with a clear SearchError (secrets masked) if unusable."""
     if url.startswith("journal:"):
         try:
             return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
         except OSError as err:
             raise SearchError(f"cannot open journal file {url}: {err}") from err
-    engine_kwargs = {}
-    if url.startswith("postgresql"):
-        engine_kwargs = {"connect_args": {"connect_timeout": 10}}
-    heartbeat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if is_shared(url) else {}
+    parsed = parse_url(url)
+    if parsed is None:
+        raise SearchError(f"--storage {mask_url(url)} is not a database URL: use e.g. "
+                          f"postgresql://user:password@host/db, sqlite:///path or journal:PATH")
+    engine_kwargs = {"connect_args": {"connect_timeout": 10}} if parsed.drivername.startswith("postgresql") else {}
+    heartbeat = ({"heartbeat_interval": max(1, int(stale_after // HEARTBEAT_PER_GRACE)),
+                  "grace_period": int(stale_after)}
+                 if has_heartbeat(url) else {})
     for attempt in range(SCHEMA_RACE_RETRIES + 1):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+                return optuna.storages.RDBStorage(parsed.render_as_string(hide_password=False),
+                                                  engine_kwargs=engine_kwargs, **heartbeat)
         except Exception as err:  # sqlalchemy raises many types (bad URL, no driver, no server)
             message = str(err)
             # Workers starting together on an empty database race to create Optuna's tables;
@@ -63,8 +138,9 @@ def open_storage(url: str):
             if attempt < SCHEMA_RACE_RETRIES and ("duplicate key" in message or "already exists" in message):
                 time.sleep(0.5 + random.random())
                 continue
+            first_line = message.strip().splitlines()[0] if message.strip() else type(err).__name__
             raise SearchError(
-                f"cannot open study storage {mask_url(url)}: {mask_text(message.splitlines()[0], url)}. "
+                f"cannot open study storage {mask_url(url)}: {mask_text(first_line, url)}. "
                 f"Check that the server is running and reachable, the database exists and the "
                 f"credentials are right (PostgreSQL needs `pip install 'psycopg[binary]'`)"
             ) from None

@@ -1,0 +1,172 @@
+"""Studies shared by several workers (journal file, PostgreSQL): exactly N finished trials,
+also when a worker is killed in the middle of a trial."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
+
+from cache.synthetic import write_synthetic_cache
+from conftest import REPO, call_main
+from search.liveness import JournalOwnership
+
+QUICK = ["--max-epochs", "12", "--patience", "3", "--bootstrap", "20", "--device", "cpu"]
+PG_URL = os.environ.get("CXR14_TEST_POSTGRES_URL")
+needs_postgres = pytest.mark.skipif(not PG_URL, reason="no PostgreSQL server: set CXR14_TEST_POSTGRES_URL "
+                                                       "(.ci/run starts one)")
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("search") / "features.h5"
+    write_synthetic_cache(path, rows={"train": 800, "val": 400, "test": 500}, dim=24, separation=1.19)
+    return path
+
+
+def _finished(study_or_trials):
+    trials = getattr(study_or_trials, "trials", study_or_trials)
+    return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def _journal_study(journal, name="shared"):
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal))))
+
+
+def _unique_name(prefix):
+    return f"{prefix}-{os.getpid()}-{time.time_ns()}"  # reruns against one server never collide
+
+
+def _search(*args):
+    return [sys.executable, "-m", "search", *map(str, args), *QUICK]
+
+
+def _popen(command, **kwargs):
+    return subprocess.Popen(command, cwd=REPO, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), **kwargs)
+
+
+def _workers(storage, tmp_path, small_cache, *, trials, study_name, count=2):
+    """`count` search processes sharing one study; returns their (stdout, stderr)."""
+    processes = [_popen(_search("--cache", small_cache, "--out", tmp_path / f"w{i}", "--storage", storage,
+                                "--study-name", study_name, "--trials", trials, "--trials-per-pass", 2),
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(count)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (stdout, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr
+    return outputs
+
+
+def _check_exact(study, trials):
+    assert len(_finished(study)) == trials
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) == max(numbers) + 1  # none lost, none duplicated
+    for trial in study.trials:
+        if trial.state == TrialState.FAIL:  # only a surplus trial created in a race may fail here
+            assert trial.user_attrs["fail_reason"].startswith(f"surplus: the study already held {trials} ")
+
+
+def _finished_by_each(outputs):
+    return [int(stdout.split("this process finished ")[1].split()[0]) for stdout, _ in outputs]
+
+
+def test_two_workers_share_a_journal_file(small_cache, tmp_path):
+    journal = tmp_path / "study.log"
+    outputs = _workers(f"journal:{journal}", tmp_path, small_cache, trials=6, study_name="shared")
+    _check_exact(_journal_study(journal), 6)
+    assert sum(_finished_by_each(outputs)) == 6  # each says truthfully what it finished
+
+
+def _kill_during_a_pass(command, finished_trials, *, enough):
+    """Start `command`, SIGKILL it while it trains a pass after `enough` finished trials."""
+    process = _popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(0.2)
+        try:
+            trials = finished_trials()
+        except Exception:  # the study may not exist yet
+            continue
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        if len(_finished(trials)) >= enough and running:
+            break
+    assert process.poll() is None, "the search finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_journal_resume_after_a_killed_worker_reaches_exactly_n(small_cache, tmp_path):
+    journal = tmp_path / "study.log"
+    url = f"journal:{journal}"
+    _kill_during_a_pass(_search("--cache", small_cache, "--out", tmp_path / "a", "--storage", url,
+                                "--study-name", "shared", "--trials", 40, "--trials-per-pass", 2,
+                                "--stale-after", 6),
+                        lambda: _journal_study(journal).trials, enough=2)
+    study = _journal_study(journal)
+    left_running = [t.number for t in study.trials if t.state == TrialState.RUNNING]
+    assert left_running, "the kill left no running trial to recover"
+    # The resumed worker asks for exactly one more: the killed worker's trials fill all the room,
+    # so without failing them it would wait (here: until the timeout) and end short of N.
+    target = len(_finished(study)) + 1
+    call_main("search", "--cache", small_cache, "--out", tmp_path / "b", "--storage", url, "--study-name", "shared",
+              "--trials", target, "--timeout", 120, "--stale-after", 6, *QUICK, check_rc=0)
+    study = _journal_study(journal)
+    assert len(_finished(study)) == target
+    for number in left_running:
+        assert study.trials[number].state == TrialState.FAIL
+        assert "its worker died" in study.trials[number].user_attrs["fail_reason"]
+
+
+def test_journal_never_fails_a_live_workers_trial(small_cache, tmp_path):
+    journal = tmp_path / "study.log"
+    url = f"journal:{journal}"
+    call_main("search", "--cache", small_cache, "--out", tmp_path / "a", "--storage", url, "--study-name", "shared",
+              "--trials", 2, *QUICK, check_rc=0)
+    study = _journal_study(journal)
+    live = JournalOwnership(journal)  # a live worker (this process) in the middle of a trial
+    trial = study.ask()
+    live.claim(study, trial)
+    call_main("search", "--cache", small_cache, "--out", tmp_path / "b", "--storage", url, "--study-name", "shared",
+              "--trials", 3, "--timeout", 4, *QUICK, check_rc=0)
+    assert _journal_study(journal).trials[trial.number].state == TrialState.RUNNING
+    live._handle.close()  # the worker dies: the kernel drops its lock, its file stays
+    call_main("search", "--cache", small_cache, "--out", tmp_path / "b", "--storage", url, "--study-name", "shared",
+              "--trials", 3, "--timeout", 120, *QUICK, check_rc=0)
+    study = _journal_study(journal)
+    assert study.trials[trial.number].state == TrialState.FAIL and len(_finished(study)) == 3
+
+
+@needs_postgres
+def test_two_workers_on_postgresql_finish_exactly_n(small_cache, tmp_path):
+    study_name = _unique_name("shared")
+    outputs = _workers(PG_URL, tmp_path, small_cache, trials=8, study_name=study_name)
+    _check_exact(optuna.load_study(study_name=study_name, storage=PG_URL), 8)
+    assert sum(_finished_by_each(outputs)) == 8
+
+
+@needs_postgres
+def test_postgresql_fails_a_killed_workers_trials_while_waiting(small_cache, tmp_path):
+    study_name = _unique_name("killed")
+    _kill_during_a_pass(_search("--cache", small_cache, "--out", tmp_path / "a", "--storage", PG_URL,
+                                "--study-name", study_name, "--trials", 40, "--trials-per-pass", 2,
+                                "--stale-after", 6),
+                        lambda: optuna.load_study(study_name=study_name, storage=PG_URL).trials, enough=2)
+    study = optuna.load_study(study_name=study_name, storage=PG_URL)
+    left_running = [t.number for t in study.trials if t.state == TrialState.RUNNING]
+    assert left_running
+    target = len(_finished(study)) + 1
+    # no --timeout: without failing stale trials while it waits, this would never return
+    command = _search("--cache", small_cache, "--out", tmp_path / "b", "--storage", PG_URL, "--study-name",
+                      study_name, "--trials", target, "--stale-after", 6)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name=study_name, storage=PG_URL)
+    assert len(_finished(study)) == target
+    for number in left_running:
+        assert study.trials[number].state == TrialState.FAIL
+        reason = study.trials[number].user_attrs["fail_reason"]
+        assert "stopped beating" in reason or "died before it started" in reason
