@@ -35,7 +35,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--dim", type=int, default=2048, help="feature dimension of the synthetic cache")
     parser.add_argument("--max-epochs", type=int, default=30)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--pruner", "--pruners", default="median", choices=["median", "hyperband", "none"])
+    parser.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     parser.add_argument("--per-pass", default="default,1",
                         help="comma-separated K values timed in this order; 'default' is the search's own default")
     parser.add_argument("--cache", default=None, help="reuse a cache (default: write a synthetic one)")

@@ -141,7 +141,7 @@ def run(args) -> tuple[list[dict], bool]:
             ["--scale", scale, "--device", device.type, "--skip-sklearn"]))
     if "search" in checks:
         rows += bench_search.run(bench_search.get_args_parser().parse_args(
-            ["--scale", scale, "--dim", "2048", "--device", device.type, "--pruners", "median",
+            ["--scale", scale, "--dim", "2048", "--device", device.type, "--pruner", "median",
              *(["--trials", "4", "--max-epochs", "3"] if args.quick else ["--trials", "100"])]))
     return rows, ok
 
