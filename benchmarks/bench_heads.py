@@ -50,6 +50,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--heads", type=int, default=8, help="K for part 3")
     parser.add_argument("--cnn-rows", type=float, default=1.0, help="fraction of the 40,000 CNN-like rows")
     parser.add_argument("--deep-epochs", type=int, default=15, help="epoch cap of the depth-2 rows of part 2")
+    parser.add_argument("--skip-extras", action="store_true", help="part 2 without the float16 and K-head rows")
     parser.add_argument("--skip-epochs", action="store_true",
                         help="part 1 measures only the heads.train process (no in-process timings)")
     return parser
@@ -90,17 +91,27 @@ def write_cnn_like_cache(path, *, rows: dict, dim: int = 2048, seed: int = 0, pr
         merge_parts(path)
 
 
+# A child's ru_maxrss counts the pages it shared with its parent before exec, so this
+# benchmark (which holds torch and data) cannot fork the measured process itself: a small
+# Python in between starts it and reports its wait4 rusage.
+_WAIT4 = """
+import os, subprocess, sys, time
+start = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss)
+"""
+
+
 def measure_process(args: list) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of `python -m ...args` as a whole process (wait4's rusage)."""
+    """(wall seconds, peak RSS MiB) of `python ...args` as a whole process (wait4's rusage)."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, *map(str, args)], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{args} failed: {process.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    result = subprocess.run([sys.executable, "-c", _WAIT4, sys.executable, *map(str, args)], env=env,
+                            capture_output=True, text=True)
+    code, seconds, peak_kib = result.stdout.split()[-3:]
+    if int(code) != 0:
+        raise RuntimeError(f"{args} failed: {result.stderr[-2000:]}")
+    return float(seconds), int(peak_kib) / 1024
 
 
 def nih_scale_rows(args, tmp: Path, device) -> list[dict]:
@@ -149,6 +160,8 @@ def cnn_like_rows(args, tmp: Path, device) -> list[dict]:
             {"stage": "heads", "measure": "scikit-learn LogisticRegression fit alone", "value": f"{baseline.seconds_:.1f} s",
              "note": f"same standardized features; val mean AUC {sk_auc:.4f}; heads.train is "
                      f"{baseline.seconds_ / head_s:.1f}x faster (whole process vs the fit alone)"}]
+    if args.skip_extras:
+        return rows
     half = load_head_data(path, device=device)
     for depth in (0, 2):
         settings = {**DEFAULTS, "depth": depth, "max_epochs": 100 if depth == 0 else args.deep_epochs}
