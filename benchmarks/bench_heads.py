@@ -48,6 +48,11 @@ def get_args_parser(add_help=True):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--skip-sklearn", action="store_true", help="leave out parts 2 and 3")
     parser.add_argument("--heads", type=int, default=8, help="K for part 3")
+    parser.add_argument("--cnn-rows", type=float, default=1.0, help="fraction of the 40,000 CNN-like rows")
+    parser.add_argument("--deep-epochs", type=int, default=15, help="epoch cap of the depth-2 rows of part 2")
+    parser.add_argument("--skip-extras", action="store_true", help="part 2 without the float16 and K-head rows")
+    parser.add_argument("--skip-epochs", action="store_true",
+                        help="part 1 measures only the heads.train process (no in-process timings)")
     return parser
 
 
@@ -86,17 +91,27 @@ def write_cnn_like_cache(path, *, rows: dict, dim: int = 2048, seed: int = 0, pr
         merge_parts(path)
 
 
+# A child's ru_maxrss counts the pages it shared with its parent before exec, so this
+# benchmark (which holds torch and data) cannot fork the measured process itself: a small
+# Python in between starts it and reports its wait4 rusage.
+_WAIT4 = """
+import os, subprocess, sys, time
+start = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss)
+"""
+
+
 def measure_process(args: list) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of `python -m ...args` as a whole process (wait4's rusage)."""
+    """(wall seconds, peak RSS MiB) of `python ...args` as a whole process (wait4's rusage)."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, *map(str, args)], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{args} failed: {process.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    result = subprocess.run([sys.executable, "-c", _WAIT4, sys.executable, *map(str, args)], env=env,
+                            capture_output=True, text=True)
+    code, seconds, peak_kib = result.stdout.split()[-3:]
+    if int(code) != 0:
+        raise RuntimeError(f"{args} failed: {result.stderr[-2000:]}")
+    return float(seconds), int(peak_kib) / 1024
 
 
 def nih_scale_rows(args, tmp: Path, device) -> list[dict]:
@@ -105,16 +120,8 @@ def nih_scale_rows(args, tmp: Path, device) -> list[dict]:
         write_synthetic_cache(path, rows={k: max(int(v * args.scale), 50) for k, v in NIH_SCALE.items()})
     data = load_head_data(path, device=device)
     matrix_mib = sum(s.features.numel() * s.features.element_size() for s in data.splits.values()) / 2**20
-    fit = fit_head(train=data.train, val=data.val, settings=DEFAULTS, device=device)
-    rows = [{"stage": "heads", "measure": "default head to early stop", "value": f"{fit.seconds:.1f} s",
-             "note": f"{device.type}; {len(fit.history)} epochs, val mean AUC {fit.best_val_auc:.4f} "
-                     f"(best possible {known_auc(1.19):.3f}); {len(data.train)} train rows"}]
-    for depth in (0, 2):
-        settings = {**DEFAULTS, "depth": depth, "max_epochs": 2, "patience": 2}
-        per_epoch = fit_head(train=data.train, val=data.val, settings=settings, device=device).seconds / 2
-        rows.append({"stage": "heads", "measure": f"seconds per epoch, depth {depth}", "value": f"{per_epoch:.2f} s",
-                     "note": f"width {DEFAULTS['width']}, batch {DEFAULTS['batch_size']}"})
-    del data, fit
+    rows = [] if args.skip_epochs else epoch_rows(data, device)
+    del data
     imports_s, imports_mib = measure_process(["-c", "import heads.train, heads.run, matplotlib.pyplot"])
     seconds, peak = measure_process(["-m", "heads.train", "--cache", path, "--out", tmp / "nih-run",
                                      "--device", device.type, "--max-epochs", "3"])
@@ -125,9 +132,22 @@ def nih_scale_rows(args, tmp: Path, device) -> list[dict]:
     return rows
 
 
+def epoch_rows(data, device) -> list[dict]:
+    fit = fit_head(train=data.train, val=data.val, settings=DEFAULTS, device=device)
+    rows = [{"stage": "heads", "measure": "default head to early stop", "value": f"{fit.seconds:.1f} s",
+             "note": f"{device.type}; {len(fit.history)} epochs, val mean AUC {fit.best_val_auc:.4f} "
+                     f"(best possible {known_auc(1.19):.3f}); {len(data.train)} train rows"}]
+    for depth in (0, 2):
+        settings = {**DEFAULTS, "depth": depth, "max_epochs": 2, "patience": 2}
+        per_epoch = fit_head(train=data.train, val=data.val, settings=settings, device=device).seconds / 2
+        rows.append({"stage": "heads", "measure": f"seconds per epoch, depth {depth}", "value": f"{per_epoch:.2f} s",
+                     "note": f"width {DEFAULTS['width']}, batch {DEFAULTS['batch_size']}"})
+    return rows
+
+
 def cnn_like_rows(args, tmp: Path, device) -> list[dict]:
     path = tmp / "cnn.h5"
-    write_cnn_like_cache(path, rows={k: max(int(v * args.scale), 50) for k, v in CNN_ROWS.items()})
+    write_cnn_like_cache(path, rows={k: max(int(v * args.scale * args.cnn_rows), 50) for k, v in CNN_ROWS.items()})
     head_s, _ = measure_process(["-m", "heads.train", "--cache", path, "--out", tmp / "cnn-run", "--depth", "0",
                                  "--device", device.type])
     import json
@@ -140,9 +160,11 @@ def cnn_like_rows(args, tmp: Path, device) -> list[dict]:
             {"stage": "heads", "measure": "scikit-learn LogisticRegression fit alone", "value": f"{baseline.seconds_:.1f} s",
              "note": f"same standardized features; val mean AUC {sk_auc:.4f}; heads.train is "
                      f"{baseline.seconds_ / head_s:.1f}x faster (whole process vs the fit alone)"}]
+    if args.skip_extras:
+        return rows
     half = load_head_data(path, device=device)
     for depth in (0, 2):
-        settings = {**DEFAULTS, "depth": depth, "max_epochs": 100 if depth == 0 else 15}
+        settings = {**DEFAULTS, "depth": depth, "max_epochs": 100 if depth == 0 else args.deep_epochs}
         a = fit_head(train=half.train, val=half.val, settings=settings, device=device).best_val_auc
         full_device = full if device.type == "cpu" else load_head_data(path, device=device, dtype=np.float32)
         b = fit_head(train=full_device.train, val=full_device.val, settings=settings, device=device).best_val_auc

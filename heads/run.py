@@ -11,6 +11,7 @@ from pathlib import Path
 from cache.runtime import versions
 from heads.data import HeadData, load_head_data
 from heads.estimator import Head
+from heads.fit import predict_proba
 from heads.model import WEIGHTING_FORMULA
 from heads.report import (
     discard_partial, finish_out_dir, format_table, per_class_table, prepare_out_dir, score_run, write_run,
@@ -33,8 +34,8 @@ def fit_and_report(estimator, *, cache_path, out, device, overwrite=False, n_boo
     partial = prepare_out_dir(out, overwrite=overwrite)
     try:
         estimator.fit(data.train, data.val)
-        val_scores = estimator.predict_proba(data.val.features)
-        test_scores = estimator.predict_proba(data.test.features)  # the one use of test
+        val_scores = _predict(estimator, data.val.features)
+        test_scores = _predict(estimator, data.test.features)  # the one use of test
         settings = estimator.chosen_settings()
         fit = {**estimator.fit_summary(), "rows": {name: len(split) for name, split in data.splits.items()},
                "rows_not_done": data.excluded}
@@ -53,6 +54,14 @@ def fit_and_report(estimator, *, cache_path, out, device, overwrite=False, n_boo
     if not quiet:
         print_summary(run_dir, data=data, metrics=metrics, model=estimator.kind)
     return run_dir, metrics
+
+
+def _predict(estimator, features):
+    """A head scores through heads.fit.predict_proba, the one place a head's forward pass runs
+    on a split (tests count its calls to prove test is scored once); other estimators
+    through their own predict_proba."""
+    model = getattr(estimator, "model_", None)
+    return predict_proba(model, features) if model is not None else estimator.predict_proba(features)
 
 
 def run_config(*, cache_path, data, settings, device, class_weights_used: dict, n_bootstrap, extra=None) -> dict:

@@ -166,16 +166,18 @@ class HeadStack:
         any_l2 = any(s["optimizer"] == "adam" and s["weight_decay"] > 0 for s in self.settings)
         any_decoupled = any(s["optimizer"] == "adamw" and s["weight_decay"] > 0 for s in self.settings)
         for param, m, v, axis in zip(self.params, self.first_moments, self.second_moments, self._axes()):
-            grad = param.grad
+            grad = param.grad  # ours to change: it is dropped before the next backward
             lr = self._broadcast(self.lr, param, axis)
             if any_l2:
-                grad = grad + self._broadcast(self.l2, param, axis) * param
+                grad.addcmul_(param, self._broadcast(self.l2, param, axis))
             if any_decoupled:
                 param.mul_(1 - lr * self._broadcast(self.decoupled, param, axis))
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denominator = (v.sqrt() / math.sqrt(correction2)).add_(ADAM_EPS)
-            param.sub_(m * (lr / correction1) / denominator)
+            # one full-size temporary per tensor: the denominator becomes the update in place
+            update = v.sqrt().div_(math.sqrt(correction2)).add_(ADAM_EPS)
+            torch.div(m, update, out=update)
+            param.sub_(update.mul_(lr / correction1))
 
     @staticmethod
     def _broadcast(values: torch.Tensor, param: torch.Tensor, axis: int) -> torch.Tensor:
