@@ -386,6 +386,9 @@ def _hf(name, *, weights, image_size, layers, pooling) -> Encoder:
         raise EncoderError(f"--backbone hf:{name}: cannot load it ({str(err).splitlines()[0]}); offline, "
                            f"use hf:/path/to/a/folder saved with save_pretrained, or set HF_HOME to a "
                            f"filled cache") from None
+    depth = getattr(net.config, "num_hidden_layers", None)
+    if depth and last_blocks > depth:
+        raise EncoderError(f"--layers last:{last_blocks}: hf:{name} has {depth} blocks; use last:1 .. last:{depth}")
     net.eval()
     size = image_size or _processor_size(processor)
     preprocessing = Preprocessing(size=size, interpolation="bicubic" if getattr(processor, "resample", 2) == 3
@@ -504,7 +507,11 @@ def split_backbone(backbone: str) -> tuple[str, str]:
 
 def parse_layers(text: str | None) -> tuple:
     """'layer3,layer4' -> ('layer3', 'layer4'); None or '' -> () (the encoder's pooled output)."""
-    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+    layers = tuple(part.strip() for part in (text or "").split(",") if part.strip())
+    repeated = sorted({name for name in layers if layers.count(name) > 1})
+    if repeated:  # the same block twice only doubles the feature, it adds nothing
+        raise EncoderError(f"--layers {text}: {', '.join(repeated)} named twice; name each block once")
+    return layers
 
 
 def build_encoder(backbone: str = DEFAULT_BACKBONE, *, weights: str = "pretrained", image_size: int | None = None,
@@ -531,9 +538,9 @@ def _measure_block_dims(encoder: Encoder, device: torch.device) -> tuple:
     try:
         with torch.inference_mode():
             blocks = encoder.model(probe)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:  # transformers' ViTs raise ValueError for a size
         raise EncoderError(f"--backbone {encoder.backbone} does not run at --image-size {prep.size} "
-                           f"({str(err).splitlines()[0]})") from None
+                           f"({str(err).splitlines()[0]}); leave --image-size out for its own size") from None
     if len(blocks) != len(encoder.blocks):  # hooks of a module that never runs
         raise EncoderError(f"--layers {','.join(encoder.layers)}: not every layer runs in the forward pass")
     return tuple(int(block.flatten(1).shape[1]) for block in blocks)
