@@ -201,9 +201,8 @@ def prepare_cache(path, *, table: dict, settings: dict) -> None:
         return
     stored = cache.read_attrs(path)
     differences = [
-        f"{key}: cache has {stored.get(key)!r}, this run asks {settings[key]!r}"
-        for key in cache.FINGERPRINT_KEYS
-        if key in settings and _comparable(stored.get(key)) != _comparable(settings[key])
+        line for key in cache.FINGERPRINT_KEYS if key in settings
+        for line in _differences(key, _comparable(stored.get(key)), _comparable(settings[key]))
     ]
     if differences:
         raise SettingsMismatch(
@@ -212,6 +211,15 @@ def prepare_cache(path, *, table: dict, settings: dict) -> None:
     merged = cache.merge_parts(path)
     if merged:
         print(f"merged {merged} rows that an interrupted run left in part files")
+
+
+def _differences(key: str, stored, asked) -> list[str]:
+    """One line per differing setting; a JSON setting (preprocessing) by its differing keys,
+    so that the message names what changed rather than printing two whole recipes."""
+    if isinstance(stored, dict) and isinstance(asked, dict):
+        return [line for sub in sorted(set(stored) | set(asked))
+                for line in _differences(f"{key}.{sub}", stored.get(sub), asked.get(sub))]
+    return [] if stored == asked else [f"{key}: cache has {stored!r}, this run asks {asked!r}"]
 
 
 def _comparable(value):
