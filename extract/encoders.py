@@ -75,6 +75,7 @@ class Preprocessing:
         return ((stacked - mean) / std).contiguous(memory_format=torch.channels_last)
 
     def record(self) -> dict:
+        """The recipe as the cache's `preprocessing` attribute holds it (see `cache`)."""
         return {
             "decode": "gray in [0,1]; RGB/RGBA by luminance (alpha dropped); 16-bit / 257",
             "resize": f"whole image to {self.size}x{self.size}, {self.interpolation}, antialias, no crop",
@@ -324,13 +325,17 @@ def _timm(name, *, weights, image_size, layers, pooling) -> Encoder:
     if image_size:
         options["img_size"] = image_size  # ViTs resample their position embeddings
     pretrained = weights.lower() != "none"
+
+    def create():
+        net_builder = lambda: timm.create_model(name, pretrained=pretrained, **options)  # noqa: E731
+        return net_builder() if pretrained else _random_init(net_builder)
+
     try:
-        create = lambda extra: timm.create_model(name, pretrained=pretrained, **options, **extra)  # noqa: E731
         try:
-            net = create({}) if pretrained else _random_init(lambda: create({}))
+            net = create()
         except TypeError:  # CNNs take no img_size: they pool any size
             options.pop("img_size", None)
-            net = create({}) if pretrained else _random_init(lambda: create({}))
+            net = create()
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise EncoderError(f"--backbone timm:{name}: timm has no such model ({err})") from None
@@ -461,7 +466,8 @@ def _xrv(name, *, weights, image_size, layers, pooling) -> Encoder:
     except Exception as err:  # torchxrayvision raises bare Exceptions for downloads and files
         raise EncoderError(f"--backbone xrv:{name}: cannot load its weights ({err}); offline, put its weights "
                            f"file in ~/.torchxrayvision/models_data/ or pass --weights PATH") from None
-    resolution = int(re.search(r"res(\d+)", name).group(1)) if re.search(r"res(\d+)", name) else 224
+    named_resolution = re.search(r"res(\d+)", name)  # e.g. densenet121-res224-all, resnet50-res512-all
+    resolution = int(named_resolution.group(1)) if named_resolution else 224
     # torchxrayvision's convention: one channel, values in [-1024, 1024], no further normalization
     preprocessing = Preprocessing(size=image_size or resolution, channels=1, value_range=(-1024.0, 1024.0),
                                   mean=(0.0,), std=(1.0,))

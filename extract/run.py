@@ -156,12 +156,15 @@ def _extract(args) -> int:
 def build_encoder(args, *, device, quiet: bool = False) -> encoders.Encoder:
     """The encoder the flags name; its warning (e.g. torchxrayvision's test contamination)
     printed loudly on rank 0."""
-    with warnings.catch_warnings():
-        if quiet:
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
         encoder = encoders.build_encoder(args.backbone, weights=args.weights, image_size=args.image_size,
                                          layers=encoders.parse_layers(args.layers), pooling=args.pooling,
                                          device=device)
+    # One line each, once: Python's default format adds a file:line and a source line that
+    # read like a traceback, and a family that retries its build warns twice.
+    for message in dict.fromkeys(str(warning.message) for warning in raised) if not quiet else ():
+        print(f"warning: {message}", file=sys.stderr)
     if encoder.warning and not quiet:
         print(f"\n{'!' * 78}\nWARNING: {encoder.warning}\n{'!' * 78}\n", file=sys.stderr)
     return encoder

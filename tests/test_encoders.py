@@ -202,3 +202,14 @@ def test_a_layer_named_twice_is_refused():
     with pytest.raises(encoders.EncoderError, match="layer4 named twice"):
         encoders.parse_layers("layer3,layer4, layer4")
     assert encoders.parse_layers("layer3, layer4,") == ("layer3", "layer4")
+
+
+def test_the_random_weights_warning_is_one_line_once(small_dir, tmp_path):
+    pytest.importorskip("timm")
+    # timm:resnet10t refuses img_size, so its build runs twice: the warning must still print once
+    result = call_main("extract", "--data-dir", small_dir, "--cache", tmp_path / "c.h5", "--weights", "none",
+                       "--backbone", "timm:resnet10t", "--image-size", "32", "--split", "val", *SMALL, check_rc=0)
+    lines = [line for line in result.stderr.splitlines() if "RANDOM encoder weights" in line]
+    assert lines == ["warning: --weights none: RANDOM encoder weights; features are meaningless beyond "
+                     "testing the pipeline"]
+    assert "encoders.py" not in result.stderr
