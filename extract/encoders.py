@@ -218,7 +218,9 @@ def load_state_dict_file(model: torch.nn.Module, path: Path, *, what: str, ignor
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a bad file
-        raise EncoderError(f"--weights {path}: not a loadable state dict ({err})") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EncoderError(f"--weights {path}: not a loadable state dict ({reason}); pass a .pth/.pt "
+                           f"state dict saved with torch.save") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):

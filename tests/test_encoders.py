@@ -213,3 +213,11 @@ def test_the_random_weights_warning_is_one_line_once(small_dir, tmp_path):
     assert lines == ["warning: --weights none: RANDOM encoder weights; features are meaningless beyond "
                      "testing the pipeline"]
     assert "encoders.py" not in result.stderr
+
+
+def test_a_weights_file_torch_cannot_load_is_one_line(tmp_path):
+    junk = tmp_path / "weights.pth"
+    junk.write_text("not a checkpoint\n")
+    with pytest.raises(encoders.EncoderError) as caught:
+        encoders.build_encoder("resnet18", weights=str(junk), image_size=32)
+    assert "not a loadable state dict" in str(caught.value) and "\n" not in str(caught.value)
