@@ -20,6 +20,19 @@ created, fingerprint: the sha256 hex digest of the UTF-8 bytes of
 separators ", " and ": ", non-ASCII as \\uXXXX; arrays as lists), i.e. over every setting
 that decides which rows exist and what their features are.
 
+`preprocessing` (JSON, `Encoder.recipe()` in extract/encoders.py) is the image-to-feature
+recipe: decode (how a PNG becomes gray in [0, 1]), resize (size, interpolation; whole image,
+never cropped), channels (gray replicated to 3, or 1), value_range ([low, high] the gray
+[0, 1] is scaled to: [0, 1], or [-1024, 1024] for torchxrayvision), normalize_mean and
+normalize_std (per channel, after scaling), layers (--layers as given; [] = the encoder's
+own pooled output), blocks (what each concatenated block is, in feature order: "pooled",
+module names, "block-K" for hf: last:K, "last_hidden_state", or "features" for xrv:),
+block_dims (each block's width; they sum to feature_dim) and pooling ("cls" | "mean" |
+"cls+mean": how transformer tokens are pooled; feature maps are always averaged over space).
+`encoder_warning` is "" or a caveat the encoder carries (torchxrayvision's weights saw the
+official test images); it is informational, outside the fingerprint. `versions` also names
+timm / transformers / torchxrayvision when the encoder used them.
+
 Invariants every reader checks (`check_readable`, also run by `python -m cache verify`):
 schema_version is SCHEMA_VERSION; every dataset, every FINGERPRINT_KEYS attribute and the
 fingerprint are present; the fingerprint matches; every row dataset has N rows and
@@ -57,7 +70,7 @@ from cache.store import (
     read_table,
 )
 
-DEFAULT_CACHE = "outputs/cache/resnet50-224.h5"  
+DEFAULT_CACHE = "outputs/cache/resnet50-224.h5"
 
 __all__ = [
     "CLASSES",

@@ -181,6 +181,19 @@ def _removed_on_failure(tmp: Path, *, cache: Path, doing: str):
         raise
 
 
+def _unreadable(path: Path, err: OSError) -> CacheError:
+    # Advise deleting only what looks like a damaged cache: any other file may be the user's.
+    try:
+        looks_hdf5 = h5py.is_hdf5(path)
+    except OSError:
+        looks_hdf5 = False
+    if not looks_hdf5:
+        return CacheError(f"{path} is not an HDF5 file, so not a cache: pass the .h5 file that extract "
+                          f"wrote, or another --cache path")
+    return CacheError(f"{path} is a damaged HDF5 file ({_one_line(err)}); if extract made it, delete it "
+                      f"and rerun extract")
+
+
 @contextlib.contextmanager
 def open_cache(path):
     """The cache as a read-only h5py.File; CacheError if it is missing, not HDF5, or an HDF5
@@ -188,10 +201,12 @@ def open_cache(path):
     path = Path(path)
     if not path.exists():
         raise CacheError(f"no cache at {path}: run `python -m extract --split all --cache {path}` first")
+    if path.is_dir():
+        raise CacheError(f"{path} is a folder, not a cache: pass the .h5 file that extract wrote")
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
-        raise CacheError(f"{path} is not a readable HDF5 cache ({_one_line(err)}); delete it and rerun extract") from None
+        raise _unreadable(path, err) from None
     with handle:
         if "schema_version" not in handle.attrs:
             raise CacheError(f"{path} is an HDF5 file but not a cxr14-kit cache (no schema_version attribute)")

@@ -75,6 +75,7 @@ class Preprocessing:
         return ((stacked - mean) / std).contiguous(memory_format=torch.channels_last)
 
     def record(self) -> dict:
+        """The recipe as the cache's `preprocessing` attribute holds it (see `cache`)."""
         return {
             "decode": "gray in [0,1]; RGB/RGBA by luminance (alpha dropped); 16-bit / 257",
             "resize": f"whole image to {self.size}x{self.size}, {self.interpolation}, antialias, no crop",
@@ -217,7 +218,9 @@ def load_state_dict_file(model: torch.nn.Module, path: Path, *, what: str, ignor
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a bad file
-        raise EncoderError(f"--weights {path}: not a loadable state dict ({err})") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EncoderError(f"--weights {path}: not a loadable state dict ({reason}); pass a .pth/.pt "
+                           f"state dict saved with torch.save") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -324,13 +327,17 @@ def _timm(name, *, weights, image_size, layers, pooling) -> Encoder:
     if image_size:
         options["img_size"] = image_size  # ViTs resample their position embeddings
     pretrained = weights.lower() != "none"
+
+    def create():
+        net_builder = lambda: timm.create_model(name, pretrained=pretrained, **options)  # noqa: E731
+        return net_builder() if pretrained else _random_init(net_builder)
+
     try:
-        create = lambda extra: timm.create_model(name, pretrained=pretrained, **options, **extra)  # noqa: E731
         try:
-            net = create({}) if pretrained else _random_init(lambda: create({}))
+            net = create()
         except TypeError:  # CNNs take no img_size: they pool any size
             options.pop("img_size", None)
-            net = create({}) if pretrained else _random_init(lambda: create({}))
+            net = create()
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise EncoderError(f"--backbone timm:{name}: timm has no such model ({err})") from None
@@ -386,6 +393,9 @@ def _hf(name, *, weights, image_size, layers, pooling) -> Encoder:
         raise EncoderError(f"--backbone hf:{name}: cannot load it ({str(err).splitlines()[0]}); offline, "
                            f"use hf:/path/to/a/folder saved with save_pretrained, or set HF_HOME to a "
                            f"filled cache") from None
+    depth = getattr(net.config, "num_hidden_layers", None)
+    if depth and last_blocks > depth:
+        raise EncoderError(f"--layers last:{last_blocks}: hf:{name} has {depth} blocks; use last:1 .. last:{depth}")
     net.eval()
     size = image_size or _processor_size(processor)
     preprocessing = Preprocessing(size=size, interpolation="bicubic" if getattr(processor, "resample", 2) == 3
@@ -458,7 +468,8 @@ def _xrv(name, *, weights, image_size, layers, pooling) -> Encoder:
     except Exception as err:  # torchxrayvision raises bare Exceptions for downloads and files
         raise EncoderError(f"--backbone xrv:{name}: cannot load its weights ({err}); offline, put its weights "
                            f"file in ~/.torchxrayvision/models_data/ or pass --weights PATH") from None
-    resolution = int(re.search(r"res(\d+)", name).group(1)) if re.search(r"res(\d+)", name) else 224
+    named_resolution = re.search(r"res(\d+)", name)  # e.g. densenet121-res224-all, resnet50-res512-all
+    resolution = int(named_resolution.group(1)) if named_resolution else 224
     # torchxrayvision's convention: one channel, values in [-1024, 1024], no further normalization
     preprocessing = Preprocessing(size=image_size or resolution, channels=1, value_range=(-1024.0, 1024.0),
                                   mean=(0.0,), std=(1.0,))
@@ -504,7 +515,11 @@ def split_backbone(backbone: str) -> tuple[str, str]:
 
 def parse_layers(text: str | None) -> tuple:
     """'layer3,layer4' -> ('layer3', 'layer4'); None or '' -> () (the encoder's pooled output)."""
-    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+    layers = tuple(part.strip() for part in (text or "").split(",") if part.strip())
+    repeated = sorted({name for name in layers if layers.count(name) > 1})
+    if repeated:  # the same block twice only doubles the feature, it adds nothing
+        raise EncoderError(f"--layers {text}: {', '.join(repeated)} named twice; name each block once")
+    return layers
 
 
 def build_encoder(backbone: str = DEFAULT_BACKBONE, *, weights: str = "pretrained", image_size: int | None = None,
@@ -531,9 +546,9 @@ def _measure_block_dims(encoder: Encoder, device: torch.device) -> tuple:
     try:
         with torch.inference_mode():
             blocks = encoder.model(probe)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:  # transformers' ViTs raise ValueError for a size
         raise EncoderError(f"--backbone {encoder.backbone} does not run at --image-size {prep.size} "
-                           f"({str(err).splitlines()[0]})") from None
+                           f"({str(err).splitlines()[0]}); leave --image-size out for its own size") from None
     if len(blocks) != len(encoder.blocks):  # hooks of a module that never runs
         raise EncoderError(f"--layers {','.join(encoder.layers)}: not every layer runs in the forward pass")
     return tuple(int(block.flatten(1).shape[1]) for block in blocks)

@@ -97,13 +97,19 @@ def _parse_labels(column: pd.Series, image_ids: pd.Series, path) -> np.ndarray:
 
 
 def read_split_list(path) -> list[str]:
+    """The image ids of a split list, one per line; blank lines skipped."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(
             f"split list {path} is missing: {_DOWNLOAD_HINT}. Without the official lists the "
             f"test split is not the published one; --random-split falls back to a seeded "
             f"patient-wise split")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:  # a folder, unreadable, or not a text file
+        raise DatasetError(f"cannot read split list {path} ({err}); it should be a text file of image "
+                           f"ids, one per line") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
     for line, image_id in enumerate(ids, start=1):
         _check_image_id(image_id, where=f"{path} line {line}")
     return ids
@@ -137,7 +143,11 @@ def official_splits(table: pd.DataFrame, *, data_dir, val_fraction: float, seed:
 
 def _val_from_list(table: pd.DataFrame, val_list, *, train_val: set, test: set) -> np.ndarray:
     """Rows named by the val list; refused if it names a test image or splits a patient."""
+    if not Path(val_list).exists():
+        raise DatasetError(f"--val-list {val_list}: no such file; give a text file of image ids, one per line")
     wanted = read_split_list(val_list)
+    if not wanted:  # an empty val split would leave model selection nothing to select on
+        raise DatasetError(f"--val-list {val_list}: no image ids in it; give one image id per line")
     in_test = sorted(set(wanted) & test)
     if in_test:
         raise DatasetError(f"--val-list {val_list}: {len(in_test)} ids are official test images "

@@ -156,12 +156,15 @@ def _extract(args) -> int:
 def build_encoder(args, *, device, quiet: bool = False) -> encoders.Encoder:
     """The encoder the flags name; its warning (e.g. torchxrayvision's test contamination)
     printed loudly on rank 0."""
-    with warnings.catch_warnings():
-        if quiet:
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
         encoder = encoders.build_encoder(args.backbone, weights=args.weights, image_size=args.image_size,
                                          layers=encoders.parse_layers(args.layers), pooling=args.pooling,
                                          device=device)
+    # One line each, once: Python's default format adds a file:line and a source line that
+    # read like a traceback, and a family that retries its build warns twice.
+    for message in dict.fromkeys(str(warning.message) for warning in raised) if not quiet else ():
+        print(f"warning: {message}", file=sys.stderr)
     if encoder.warning and not quiet:
         print(f"\n{'!' * 78}\nWARNING: {encoder.warning}\n{'!' * 78}\n", file=sys.stderr)
     return encoder
@@ -201,9 +204,8 @@ def prepare_cache(path, *, table: dict, settings: dict) -> None:
         return
     stored = cache.read_attrs(path)
     differences = [
-        f"{key}: cache has {stored.get(key)!r}, this run asks {settings[key]!r}"
-        for key in cache.FINGERPRINT_KEYS
-        if key in settings and _comparable(stored.get(key)) != _comparable(settings[key])
+        line for key in cache.FINGERPRINT_KEYS if key in settings
+        for line in _differences(key, _comparable(stored.get(key)), _comparable(settings[key]))
     ]
     if differences:
         raise SettingsMismatch(
@@ -212,6 +214,15 @@ def prepare_cache(path, *, table: dict, settings: dict) -> None:
     merged = cache.merge_parts(path)
     if merged:
         print(f"merged {merged} rows that an interrupted run left in part files")
+
+
+def _differences(key: str, stored, asked) -> list[str]:
+    """One line per differing setting; a JSON setting (preprocessing) by its differing keys,
+    so that the message names what changed rather than printing two whole recipes."""
+    if isinstance(stored, dict) and isinstance(asked, dict):
+        return [line for sub in sorted(set(stored) | set(asked))
+                for line in _differences(f"{key}.{sub}", stored.get(sub), asked.get(sub))]
+    return [] if stored == asked else [f"{key}: cache has {stored!r}, this run asks {asked!r}"]
 
 
 def _comparable(value):

@@ -33,14 +33,53 @@ def get_args_parser(add_help=True):
     parser.add_argument("--weights", default=None,
                         help="the encoder weights file or folder, when the cache was made from local weights")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model batch, >= 1")
     return parser
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is below 1")
+    return value
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before any work, an --out that is a folder or a file this tool did not write:
+    only an earlier predictions CSV (its header starts `image,prob_`) is replaced."""
+    if out.is_dir():
+        raise PredictError(f"--out {out} is a folder; give the path of the CSV to write")
+    if out.exists():
+        try:
+            with open(out, encoding="utf-8", errors="replace") as handle:
+                header = handle.readline()
+        except OSError as err:
+            raise PredictError(f"--out {out} cannot be read ({err}); choose another --out") from None
+        if not header.startswith("image,prob_"):
+            raise PredictError(f"--out {out} exists and is not a predictions CSV written by heads.predict; "
+                               f"choose another --out")
+
+
+def read_run_attrs(run_dir: Path) -> dict:
+    """The cache attributes a run's config.json recorded: how its features were made."""
+    if not (run_dir / "head.pt").exists() or not (run_dir / "config.json").exists():
+        raise PredictError(f"{run_dir} is not a head run directory (needs head.pt and config.json)")
+    try:
+        return json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["cache_attrs"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PredictError(f"{run_dir / 'config.json'} is damaged or not a run's config ({type(err).__name__}: "
+                           f"{err}); use a run directory written by heads.train or search") from None
 
 
 def main(args) -> int:
     from extract.encoders import EncoderError  # torchvision is needed here, not for training heads
     out = Path(args.out) if args.out else Path("outputs") / "predictions" / f"{Path(args.run).name}.csv"
     try:
+        check_out(out)
         failed = predict(run_dir=Path(args.run), inputs=args.images, out=out, weights_path=args.weights,
                          device=resolve_device(args.device), batch_size=args.batch_size)
     except (PredictError, DeviceUnavailable, EncoderError) as err:
@@ -104,9 +143,7 @@ def predict(*, run_dir: Path, inputs, out, weights_path, device, batch_size) -> 
     """Write the CSV; returns [(image, reason)] for images that could not be scored."""
     from extract import pipeline
 
-    if not (run_dir / "head.pt").exists() or not (run_dir / "config.json").exists():
-        raise PredictError(f"{run_dir} is not a head run directory (needs head.pt and config.json)")
-    attrs = json.loads((run_dir / "config.json").read_text())["cache_attrs"]
+    attrs = read_run_attrs(run_dir)
     encoder = build_encoder(attrs, weights_path, device=device)
     head, checkpoint = load_head(run_dir / "head.pt", device=device)
     paths = list_images(inputs)

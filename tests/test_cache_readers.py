@@ -122,3 +122,28 @@ def test_verify_names_a_damaged_part_file(sound_cache):
     part.write_bytes(b"PK\x03\x04 not a whole zip")
     result = call_main("cache", "verify", path)
     assert result.returncode == 1 and f"part file {part} is unreadable" in result.stdout
+
+
+def test_a_path_that_is_not_a_cache_is_never_called_deletable(sound_cache, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's own file\n")
+    for path, message in [(notes, "not an HDF5 file, so not a cache"), (tmp_path, "is a folder, not a cache")]:
+        with pytest.raises(cache.CacheError, match=message) as caught:
+            cache.check_readable(path)
+        assert "delete" not in str(caught.value)
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(sound_cache[0].read_bytes()[:4000])  # a cache cut short: HDF5 signature, no body
+    with pytest.raises(cache.CacheError, match="damaged HDF5 file .*if extract made it, delete it"):
+        cache.check_readable(damaged)
+
+
+def test_extract_refuses_a_cache_path_holding_another_file_and_leaves_it(tmp_path):
+    from extract.synthetic import write_dataset
+    write_dataset(tmp_path / "data", patients=6, images_per_patient=1, size=16)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's own file\n")
+    result = call_main("extract", "--data-dir", tmp_path / "data", "--cache", notes, "--weights", "none",
+                       "--backbone", "resnet18", "--image-size", "32", "--device", "cpu", "--workers", "0",
+                       check_rc=2)
+    assert "not an HDF5 file" in result.stderr and "delete" not in result.stderr
+    assert notes.read_text() == "the user's own file\n"

@@ -172,3 +172,52 @@ def test_cpu_bf16_is_the_default_only_with_native_bf16(monkeypatch):
     assert pipeline.resolve_precision("auto", CPU) == "fp32"
     assert pipeline.resolve_precision("auto", torch.device("cuda")) == "bf16"
     assert pipeline.resolve_precision("fp16", CPU) == "fp16"
+
+
+@pytest.fixture(scope="module")
+def tiny_fixed_size_vit(tmp_path_factory):
+    """A transformers ViT that embeds positions for 64 px only (it raises ValueError otherwise)."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("vit")
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, patch_size=16, image_size=64)
+    transformers.ViTModel(config).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+    return folder
+
+
+def test_hf_size_it_cannot_take_is_one_line_exit_2(small_dir, tiny_fixed_size_vit, tmp_path):
+    result = call_main("extract", "--data-dir", small_dir, "--cache", tmp_path / "c.h5", "--weights", "none",
+                       "--backbone", f"hf:{tiny_fixed_size_vit}", "--image-size", "96", *SMALL, check_rc=2)
+    assert "--image-size 96" in result.stderr and "leave --image-size out" in result.stderr
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_hf_more_last_blocks_than_the_model_has_names_its_depth(tiny_dinov2):
+    with pytest.raises(encoders.EncoderError, match=r"has 2 blocks; use last:1 \.\. last:2"):
+        encoders.build_encoder(f"hf:{tiny_dinov2}", weights="none", layers=("last:5",))
+
+
+def test_a_layer_named_twice_is_refused():
+    with pytest.raises(encoders.EncoderError, match="layer4 named twice"):
+        encoders.parse_layers("layer3,layer4, layer4")
+    assert encoders.parse_layers("layer3, layer4,") == ("layer3", "layer4")
+
+
+def test_the_random_weights_warning_is_one_line_once(small_dir, tmp_path):
+    pytest.importorskip("timm")
+    # timm:resnet10t refuses img_size, so its build runs twice: the warning must still print once
+    result = call_main("extract", "--data-dir", small_dir, "--cache", tmp_path / "c.h5", "--weights", "none",
+                       "--backbone", "timm:resnet10t", "--image-size", "32", "--split", "val", *SMALL, check_rc=0)
+    lines = [line for line in result.stderr.splitlines() if "RANDOM encoder weights" in line]
+    assert lines == ["warning: --weights none: RANDOM encoder weights; features are meaningless beyond "
+                     "testing the pipeline"]
+    assert "encoders.py" not in result.stderr
+
+
+def test_a_weights_file_torch_cannot_load_is_one_line(tmp_path):
+    junk = tmp_path / "weights.pth"
+    junk.write_text("not a checkpoint\n")
+    with pytest.raises(encoders.EncoderError) as caught:
+        encoders.build_encoder("resnet18", weights=str(junk), image_size=32)
+    assert "not a loadable state dict" in str(caught.value) and "\n" not in str(caught.value)

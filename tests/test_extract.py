@@ -100,6 +100,9 @@ def test_other_settings_are_refused_naming_the_difference(extracted_cache, synth
     result = call_main("extract", "--data-dir", synthetic_dir, "--cache", copy, *args)
     assert result.returncode == 2
     assert "image_size: cache has 64, this run asks 72" in result.stderr
+    # the recipe is named by the keys that differ, not printed whole
+    assert "preprocessing.resize: cache has 'whole image to 64x64" in result.stderr
+    assert "normalize_mean" not in result.stderr
     result = call_main("extract", "--data-dir", synthetic_dir, "--cache", copy, *TINY, "--val-fraction", "0.3")
     assert result.returncode == 2 and "val_fraction" in result.stderr
 

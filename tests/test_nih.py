@@ -158,3 +158,20 @@ def test_real_val_list_reproduces_a_split_and_refuses_a_split_patient(real_rows,
     listed.write_text("\n".join(np.delete(val_ids, first_of_a_repeat)) + "\n")
     with pytest.raises(nih.DatasetError, match=f"1 patients have images in both val and train \\(patients {patients[first_of_a_repeat]}\\)"):
         nih.load_dataset(nih_metadata, val_fraction=0.1, seed=0, val_list=listed)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "no image ids in it"),
+    (b"\xff\xfe\x00 not text\n", "cannot read split list .*text file of image ids"),
+    (None, "cannot read split list .*text file of image ids"),  # a folder
+    ("missing", "no such file; give a text file"),
+])
+def test_a_val_list_that_is_not_a_list_of_ids_is_one_clear_error(tmp_path, content, message):
+    write_dataset(tmp_path / "data", patients=6, images_per_patient=1, size=16)
+    listed = tmp_path / "val_list.txt"
+    if content is None:
+        listed.mkdir()
+    elif content != "missing":
+        listed.write_bytes(content)
+    with pytest.raises(nih.DatasetError, match=message):
+        nih.load_dataset(tmp_path / "data", val_fraction=0.1, seed=0, val_list=listed)

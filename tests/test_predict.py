@@ -49,3 +49,27 @@ def test_a_cache_prepared_otherwise_is_refused(trained_run, synthetic_dir, tmp_p
                        "--device", "cpu")
     assert result.returncode == 2 and "preprocessing" in result.stderr and "differs from this version" in result.stderr
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_an_out_that_is_not_an_earlier_predictions_csv_is_refused_and_kept(trained_run, synthetic_dir, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's own file\n")
+    for out, message in [(notes, "not a predictions CSV"), (tmp_path, "is a folder")]:
+        result = call_main("heads.predict", "--run", trained_run, _one_image(synthetic_dir), "--out", out,
+                           "--device", "cpu")
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert notes.read_text() == "the user's own file\n"
+    csv = tmp_path / "p.csv"
+    for _ in range(2):  # an earlier predictions CSV is replaced
+        call_main("heads.predict", "--run", trained_run, _one_image(synthetic_dir), "--out", csv, "--device", "cpu",
+                  check_rc=0)
+    assert len(pd.read_csv(csv)) == 1
+
+
+def test_a_damaged_run_config_is_one_line_exit_2(trained_run, synthetic_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "config.json").write_text("{truncated")
+    result = call_main("heads.predict", "--run", run, _one_image(synthetic_dir), "--out", tmp_path / "p.csv",
+                       "--device", "cpu")
+    assert result.returncode == 2 and "config.json is damaged" in result.stderr
