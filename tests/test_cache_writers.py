@@ -5,9 +5,7 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
-import h5py
 import numpy as np
 import pytest
 
