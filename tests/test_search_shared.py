@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from cache.synthetic import write_synthetic_cache
 from conftest import REPO, call_main
 from search.liveness import JournalOwnership
+from test_search import _check_exact  # the exact-N check, defined once
 
 QUICK = ["--max-epochs", "12", "--patience", "3", "--bootstrap", "20", "--device", "cpu"]
 PG_URL = os.environ.get("CXR14_TEST_POSTGRES_URL")
@@ -58,15 +59,6 @@ def _workers(storage, tmp_path, small_cache, *, trials, study_name, count=2):
     for process, (stdout, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr
     return outputs
-
-
-def _check_exact(study, trials):
-    assert len(_finished(study)) == trials
-    numbers = [t.number for t in study.trials]
-    assert len(numbers) == len(set(numbers)) == max(numbers) + 1  # none lost, none duplicated
-    for trial in study.trials:
-        if trial.state == TrialState.FAIL:  # only a surplus trial created in a race may fail here
-            assert trial.user_attrs["fail_reason"].startswith(f"surplus: the study already held {trials} ")
 
 
 def _finished_by_each(outputs):
