@@ -1,5 +1,6 @@
 import argparse
 import sys
+from pathlib import Path
 
 from cache import DEFAULT_CACHE, CacheError
 from cache.check import describe, find_problems
@@ -15,6 +16,10 @@ def get_args_parser(add_help=True):
 
 
 def main(args) -> int:
+    if not Path(args.path).is_file():  # nothing to verify is a wrong argument, not a damaged cache
+        print(f"error: no cache at {args.path}: run `python -m extract --split all --cache {args.path}` first",
+              file=sys.stderr)
+        return 2
     try:
         if args.command == "info":
             print(describe(args.path))

@@ -137,6 +137,8 @@ def _extract(args) -> int:
     settings = cache_settings(args, encoder=encoder, provenance=provenance, precision=precision)
     with contextlib.ExitStack() as held:
         def lock_and_prepare():  # rank 0 only; a failure here stops every rank
+            if os.path.exists(cache_path):  # refuse a file that is no cache before making its .lock beside it
+                cache.read_attrs(cache_path)
             held.enter_context(cache.exclusive_lock(cache_path))
             prepare_cache(cache_path, table=table, settings=settings)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from heads.evaluate import confidence_intervals, fast_auc_per_class, mean_auc
+from heads.evaluate import auc_per_class, confidence_intervals, mean_auc
 from heads.paired import delong_test, holm, paired_bootstrap_auc, paired_differences
 
 RUN_FILES = ("config.json", "predictions_test.csv")
@@ -60,7 +60,7 @@ def load_run(name: str) -> Run:
     val_path = path / "predictions_val.csv"
     if val_path.is_file():
         val, _ = read_predictions(val_path)
-        val_mean = mean_auc(fast_auc_per_class(*_labels_scores(val, classes)))
+        val_mean = mean_auc(auc_per_class(*_labels_scores(val, classes)))
     else:
         val_mean = metrics.get("val", {}).get("mean_auc")
     return Run(name=name, path=path, config=config, metrics=metrics, test=test, classes=classes,
@@ -174,7 +174,7 @@ def compare_runs(runs: list[Run], *, reference: int, reference_reason: str = "",
     scores = [_labels_scores(run.test, classes)[1] for run in runs]
     resampled = paired_bootstrap_auc(labels, scores, runs[0].test["patient_id"].to_numpy(),
                                      n_resamples=n_resamples, seed=seed)
-    aucs = [fast_auc_per_class(labels, run_scores) for run_scores in scores]
+    aucs = [auc_per_class(labels, run_scores) for run_scores in scores]
     intervals = [confidence_intervals(resampled[:, r]) for r in range(len(runs))]
     rows = []
     for r, run in enumerate(runs):

@@ -106,8 +106,11 @@ def main(args) -> int:
 
 def run_search(args) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and summary say it all
-    out = outdir.prepare_search_dir(Path(args.out or f"outputs/search/{args.study_name}"))
+    out = Path(args.out or f"outputs/search/{args.study_name}")
+    outdir.check_search_dir(out)
     url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    if not is_shared(url):  # the embedded study lives in the folder; a shared one is opened first,
+        outdir.prepare_search_dir(out)  # so that an unreachable database leaves no empty folder
     device = resolve_device(args.device)
     paths = cache_paths(args)
     data = load_head_data(paths, device=device)  # each cache read once; trials select their blocks
@@ -122,7 +125,9 @@ def run_search(args) -> int:
                            max_epochs=fixed["max_epochs"], stale_after=args.stale_after,
                            identity=study_identity(data=data, fingerprints=data.fingerprints, fixed=fixed,
                                                    space=space))
-        if not is_shared(url):
+        if is_shared(url):
+            outdir.prepare_search_dir(out)
+        else:
             fail_interrupted_trials(study)
         start = time.perf_counter()
         ran = run_with_progress(study, args=args, data=data, fixed=fixed, device=device, url=url, per_pass=per_pass,

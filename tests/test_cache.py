@@ -7,7 +7,7 @@ import pytest
 
 import cache
 from cache.check import describe, find_problems
-from conftest import run_cli
+from conftest import call_main, run_cli
 
 CLASSES = ["A", "B", "C"]
 
@@ -88,6 +88,10 @@ def test_missing_or_foreign_files_give_clear_errors(tmp_path):
         f["x"] = 1
     with pytest.raises(cache.CacheError, match="not a cxr14-kit cache"):
         cache.read_table(tmp_path / "other.h5")
+    for command in ("info", "verify"):  # a wrong path is a usage error: one line, exit 2
+        result = call_main("cache", command, tmp_path / "none.h5", check_rc=2)
+        assert result.stderr.strip().splitlines() == [f"error: no cache at {tmp_path / 'none.h5'}: run "
+                                                     f"`python -m extract --split all --cache {tmp_path / 'none.h5'}` first"]
 
 
 def test_verify_finds_edits_nan_features_and_patient_leaks(tmp_path):

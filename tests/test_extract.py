@@ -107,6 +107,15 @@ def test_other_settings_are_refused_naming_the_difference(extracted_cache, synth
     assert result.returncode == 2 and "val_fraction" in result.stderr
 
 
+def test_a_file_that_is_no_cache_is_refused_and_left_alone(synthetic_dir, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    result = call_main("extract", "--data-dir", synthetic_dir, "--cache", notes, *TINY, check_rc=2)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "notes.txt is not an HDF5 file, so not a cache" in errors[0]
+    assert notes.read_text() == "my notes" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_second_extract_on_one_cache_is_refused(extracted_cache, synthetic_dir, tmp_path):
     copy = tmp_path / "copy.h5"
     shutil.copy(extracted_cache, copy)

@@ -5,14 +5,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 import cache
 from cache.synthetic import known_auc, write_synthetic_cache
 from conftest import call_main
 from heads import settings as head_settings
 from heads.data import HeadsError, load_head_data
-from heads.evaluate import bootstrap_auc, fast_auc_per_class, weighted_auc
+from heads.evaluate import auc_per_class, bootstrap_auc, roc_points, weighted_auc
 from heads.model import class_weights, weighted_bce
 from heads.fit import fit_head, load_head, predict_proba
 from heads.run import train_and_report
@@ -60,7 +60,7 @@ def test_fast_and_bootstrap_aucs_equal_scikit_learn():
     labels = (rng.random((500, 3)) < 0.3).astype(int)
     scores = np.round(rng.random((500, 3)) + labels * 0.3, 2)  # rounding makes ties
     expected = [roc_auc_score(labels[:, c], scores[:, c]) for c in range(3)]
-    assert fast_auc_per_class(labels, scores) == pytest.approx(expected, abs=1e-12)
+    assert auc_per_class(labels, scores) == pytest.approx(expected, abs=1e-12)
     # integer weights are the same as repeating rows
     counts = rng.integers(0, 3, size=500)
     repeated = np.repeat(np.arange(500), counts)
@@ -68,6 +68,16 @@ def test_fast_and_bootstrap_aucs_equal_scikit_learn():
     assert weighted == pytest.approx(roc_auc_score(labels[repeated, 0], scores[repeated, 0]), abs=1e-12)
     resampled = bootstrap_auc(labels, scores, patient_ids=np.arange(500) // 4, n_resamples=50)
     assert resampled.shape == (50, 3) and abs(resampled.mean(axis=0) - expected).max() < 0.03
+
+
+def test_roc_points_equal_scikit_learn():
+    rng = np.random.default_rng(1)
+    labels = (rng.random(400) < 0.2).astype(int)
+    scores = np.round(rng.random(400) + labels * 0.4, 2).astype(np.float32)  # float32 with ties
+    fpr, tpr = roc_points(labels, scores)
+    expected_fpr, expected_tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, expected_fpr, atol=1e-15)
+    np.testing.assert_allclose(tpr, expected_tpr, atol=1e-15)
 
 
 def test_head_recovers_the_known_auc(known_data):
@@ -95,7 +105,7 @@ def test_early_stopping_restores_the_best_epoch(known_data):
     aucs = [h["val_mean_auc"] for h in fit.history]
     assert len(aucs) == fit.best_epoch + 3 < 30  # stopped `patience` epochs after the best
     assert fit.best_val_auc == max(aucs) and aucs[-1] < max(aucs)
-    restored = fast_auc_per_class(known_data.val.labels.numpy(), predict_proba(fit.model, known_data.val.features))
+    restored = auc_per_class(known_data.val.labels.numpy(), predict_proba(fit.model, known_data.val.features))
     assert np.mean(restored) == pytest.approx(fit.best_val_auc, abs=1e-12)
 
 
@@ -130,7 +140,7 @@ def test_run_directory_recomputes_from_saved_predictions(extracted_cache, tmp_pa
     classes = config["cache_attrs"]["classes"]
     for name in classes:
         recomputed = roc_auc_score(predictions[f"label_{name}"], predictions[f"prob_{name}"])
-        assert recomputed == metrics["test"]["auc"][name]
+        assert recomputed == pytest.approx(metrics["test"]["auc"][name], abs=1e-12)
     assert np.mean(list(metrics["test"]["auc"].values())) == pytest.approx(metrics["test"]["mean_auc"], abs=1e-12)
     resampled = bootstrap_auc(predictions[[f"label_{c}" for c in classes]].to_numpy(),
                               predictions[[f"prob_{c}" for c in classes]].to_numpy(),

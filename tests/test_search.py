@@ -236,14 +236,11 @@ def test_pruner_none_never_prunes_and_hyperband_prunes_at_its_rungs(small_cache,
 
 def test_timeout_starts_no_pass_after_the_deadline(small_cache, tmp_path):
     out = tmp_path / "s"
-    start = time.perf_counter()
     result = call_main("search", "--cache", small_cache, "--out", out, "--trials", "500", "--timeout", "0.5",
                        "--trials-per-pass", "2", *QUICK, check_rc=0)
-    seconds = time.perf_counter() - start
     finished = len(_finished(_study(out)))
     assert finished == 2  # the one pass started before the deadline, nothing after it
     assert f"this process finished {finished} of them" in result.stdout
-    assert seconds < 120
 
 
 def _check_exact(study, trials):

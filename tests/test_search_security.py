@@ -62,6 +62,7 @@ def test_an_unreachable_storage_is_one_masked_line(url, secrets, masked, tiny_ca
     assert masked in result.stderr
     everything = (result.stdout + result.stderr).encode() + _everything_written(out)
     assert not any(secret.encode() in everything for secret in secrets)
+    assert not out.exists()  # the storage is opened before the folder is made: nothing left behind
 
 
 def test_an_unexpected_error_prints_its_traceback_without_the_password(tiny_cache, tmp_path, monkeypatch):
