@@ -55,7 +55,7 @@ def test_class_weights_follow_train_frequencies():
     assert class_weights(labels, "none")[0].tolist() == [1.0, 1.0, 1.0]
 
 
-def test_fast_and_bootstrap_aucs_equal_scikit_learn():
+def test_aucs_and_bootstrap_equal_scikit_learn():
     rng = np.random.default_rng(0)
     labels = (rng.random((500, 3)) < 0.3).astype(int)
     scores = np.round(rng.random((500, 3)) + labels * 0.3, 2)  # rounding makes ties
