@@ -88,6 +88,9 @@ def _first(cache_paths):
 
 def print_summary(run_dir, *, data: HeadData, metrics: dict, model: str = "head") -> None:
     print(format_table(per_class_table(data.classes, metrics, official_nih=data.official_nih)))
+    for entry in data.caches:  # e.g. torchxrayvision weights that saw NIH test images: not a clean test AUC
+        if entry["attrs"].get("encoder_warning"):
+            print(f"\nWARNING ({entry['name']}): {entry['attrs']['encoder_warning']}")
     rows = ", ".join(f"{n} {metrics['rows'][n]}" for n in ("train", "val", "test"))
     skipped = {k: v for k, v in data.excluded.items() if v}
     print(f"\nrows: {rows}" + (f" (not done, excluded: {skipped})" if skipped else ""))
