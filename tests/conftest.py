@@ -10,6 +10,7 @@ import types
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from extract.synthetic import write_dataset
@@ -43,6 +44,18 @@ def call_main(module, *args, check_rc=None):
         assert returncode == check_rc, f"rc={returncode}\n{result.stdout}\n{result.stderr}"
     return result
 
+
+
+def predict_saved_test_images(run, image_dir, csv, *, n: int):
+    """`heads.predict` on the first `n` test images of a run; returns (image paths, the
+    probabilities it wrote, the probabilities the run saved for the same images)."""
+    saved = pd.read_csv(Path(run) / "predictions_test.csv").set_index("image_id")
+    names = list(saved.index[:n])
+    images = [next(Path(image_dir).glob(f"images_*/images/{name}")) for name in names]
+    call_main("heads.predict", "--run", run, *images, "--out", csv, "--device", "cpu", check_rc=0)
+    predicted = pd.read_csv(csv)
+    columns = [c for c in predicted.columns if c.startswith("prob_")]
+    return images, predicted[columns].to_numpy(), saved.loc[names, columns].to_numpy()
 
 @pytest.fixture(scope="session")
 def nih_metadata():

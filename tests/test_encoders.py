@@ -3,14 +3,13 @@ cache, described by `cache info`, trained on by heads.train and reproduced by he
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torchvision
 
 import cache
 from cache.check import describe
-from conftest import call_main
+from conftest import call_main, predict_saved_test_images
 from extract import encoders
 from extract.synthetic import write_dataset
 
@@ -73,14 +72,8 @@ def test_each_family_extracts_trains_and_predicts(family, small_dir, tiny_dinov2
                         check_rc=0)
     # the caveat travels with the features: heads.train repeats it beside its test table
     assert ("WARNING" in trained.stdout and "TEST images" in trained.stdout) == (family == "xrv")
-    saved = pd.read_csv(run / "predictions_test.csv").set_index("image_id")
-    names = list(saved.index[:3])
-    images = [next(small_dir.glob(f"images_*/images/{name}")) for name in names]
-    csv = tmp_path / "p.csv"
-    call_main("heads.predict", "--run", run, *images, "--out", csv, "--device", "cpu", check_rc=0)
-    predicted = pd.read_csv(csv)
-    columns = [c for c in predicted.columns if c.startswith("prob_")]
-    np.testing.assert_allclose(predicted[columns].to_numpy(), saved.loc[names, columns].to_numpy(), atol=2e-3)
+    _, predicted, saved = predict_saved_test_images(run, small_dir, tmp_path / "p.csv", n=3)
+    np.testing.assert_allclose(predicted, saved, atol=2e-3)
 
 
 def test_layers_record_names_and_dims_and_change_the_fingerprint(small_dir, tmp_path):

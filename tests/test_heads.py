@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 import cache
 from cache.synthetic import known_auc, write_synthetic_cache
-from conftest import call_main
+from conftest import call_main, predict_saved_test_images
 from heads import settings as head_settings
 from heads.data import HeadsError, load_head_data
 from heads.evaluate import auc_per_class, bootstrap_auc, roc_points, weighted_auc
@@ -228,14 +228,9 @@ def test_predict_scores_images_like_the_cache(extracted_cache, synthetic_dir, tm
     out = tmp_path / "run"
     call_main("heads.train", "--cache", extracted_cache, "--out", out, "--max-epochs", "3", "--bootstrap", "10",
               check_rc=0)
-    saved = pd.read_csv(out / "predictions_test.csv").set_index("image_id")
-    names = list(saved.index[:4])
-    images = [next(synthetic_dir.glob(f"images_*/images/{name}")) for name in names]
     csv = tmp_path / "p.csv"
-    call_main("heads.predict", "--run", out, *images, "--out", csv, "--device", "cpu", check_rc=0)
-    predicted = pd.read_csv(csv)
-    columns = [c for c in predicted.columns if c.startswith("prob_")]
-    assert np.allclose(predicted[columns].to_numpy(), saved.loc[names, columns].to_numpy(), atol=2e-3)
+    images, predicted, saved = predict_saved_test_images(out, synthetic_dir, csv, n=4)
+    assert np.allclose(predicted, saved, atol=2e-3)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnope")
     result = call_main("heads.predict", "--run", out, images[0], broken, "--out", csv, "--device", "cpu")
