@@ -137,9 +137,9 @@ def sole_user(url: str) -> contextlib.AbstractContextManager:
     except cache.CacheError:
         holder = _lock_holder(path)
         raise SearchError(f"another search process ({holder}) is using {mask_url(url)}: a SQLite study serves one "
-                          f"process at a time; wait for it to finish, give this one another --out, or share one "
-                          f"study between processes with --storage journal:PATH (one machine) or a PostgreSQL "
-                          f"URL") from None
+                          f"process at a time; wait for it to finish, give a separate search its own SQLite file (or "
+                          f"--out), or share one study between processes with --storage journal:PATH (one "
+                          f"machine) or a PostgreSQL URL") from None
     return held
 
 
