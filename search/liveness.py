@@ -18,13 +18,12 @@ import time
 import uuid
 from pathlib import Path
 
-import optuna
 from optuna.trial import TrialState
 
 from search.storage import has_heartbeat
+from search.study import fail_trial
 
 OWNER_ATTR = "cxr14_owner"
-FAIL_REASON = "fail_reason"
 
 
 class JournalOwnership:
@@ -48,7 +47,7 @@ class JournalOwnership:
             if owner == self.token:
                 continue
             if owner is not None and self._owner_is_dead(owner):
-                failed += _fail(study, trial, "its worker died (killed or crashed) while running it")
+                failed += fail_trial(study, trial, "its worker died (killed or crashed) while running it")
         return failed
 
     def _owner_is_dead(self, owner: str) -> bool:
@@ -67,14 +66,6 @@ class JournalOwnership:
         fcntl.flock(self._handle, fcntl.LOCK_UN)
         self._handle.close()
         (self.folder / f"{self.token}.lock").unlink(missing_ok=True)
-
-
-def _fail(study, trial, reason: str) -> bool:
-    try:
-        study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)
-        return study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-        return False  # another worker finished or failed it first
 
 
 class Liveness:
@@ -121,7 +112,7 @@ def fail_unclaimed_trials(study, *, after: float) -> int:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         started = trial.datetime_start.timestamp() if trial.datetime_start else time.time()
         if OWNER_ATTR not in trial.system_attrs and time.time() - started > after:
-            failed += _fail(study, trial, "its worker died before it started training")
+            failed += fail_trial(study, trial, "its worker died before it started training")
     return failed
 
 
@@ -131,7 +122,7 @@ def fail_silent_trials(study) -> int:
     failed = 0
     for trial_id in study._storage._get_stale_trial_ids(study._study_id):
         trial = study._storage.get_trial(trial_id)
-        failed += _fail(study, trial, "its worker stopped beating (killed or lost)")
+        failed += fail_trial(study, trial, "its worker stopped beating (killed or lost)")
     return failed
 
 

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from heads import settings as head_settings
 from heads.data import HeadsError
 from heads.fit import FitResult, fit_heads
-from search.study import FINISHED, admitted, count
+from search.study import FINISHED, admitted, count, fail_trial
 
 POLL_S = 2.0  # how often a worker waiting for others' last trials looks again
 TRAINING_ERRORS = (HeadsError, RuntimeError, MemoryError, ValueError)  # NaN loss, out of memory
@@ -172,10 +172,3 @@ def tell(study, trial, result) -> int:
         return 0  # failed as stale by another worker while this one was stopped: not ours to count
     return 1
 
-
-def fail_trial(study, trial, reason: str) -> None:
-    try:
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        study.tell(trial, state=TrialState.FAIL)
-    except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
-        pass  # already finished or failed elsewhere

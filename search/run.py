@@ -9,7 +9,6 @@ retrained alone and scored once on test, as a full run directory.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 import traceback
@@ -29,7 +28,7 @@ from search import outdir
 from search.liveness import Liveness
 from search.passes import SearchContext, run_passes
 from search.report import print_standing, print_summary, write_search_outputs
-from search.storage import SearchError, is_shared, mask_text, mask_url, parse_url
+from search.storage import SearchError, is_shared, mask_text, mask_url, parse_url, sole_user
 from search.study import FINISHED, best_text, best_trial, count, fail_interrupted_trials, open_study, study_identity
 
 # Trials per pass when --trials-per-pass is not given, by device. Measured on a 2-core CPU with
@@ -40,10 +39,22 @@ from search.study import FINISHED, best_text, best_trial, count, fail_interrupte
 # there (not yet measured on a GPU).
 DEFAULT_PER_PASS = {"cpu": 8, "cuda": 32}
 DEFAULT_STALE_AFTER_S = 60.0
+SEED_MAX = 2**32 - 1  # numpy's RandomState, behind Optuna's samplers, takes seeds up to here
 
 
 def _at_least(kind, low, *, low_open=False):
     return number_type(kind, Valid(low, low_open=low_open))
+
+
+def _seed_part(text):
+    """A whole number from 0 to SEED_MAX, the range said exactly (Valid.describe rounds it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..{SEED_MAX}, the seeds the sampler takes")
+    return value
 
 
 def _study_name(text):
@@ -84,8 +95,11 @@ def get_args_parser(add_help=True):
                              "is failed, so the study still reaches N (>= 6)")
     parser.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"],
                         help="stop unpromising trials early from their per-epoch validation AUC")
-    parser.add_argument("--sampler-seed", type=_at_least(int, 0), default=0,
-                        help="seed of the TPE sampler (>= 0)")
+    parser.add_argument("--sampler-seed", type=_seed_part, default=0,
+                        help=f"seed of the TPE sampler, 0 to {SEED_MAX}; it uses this plus --worker-index")
+    parser.add_argument("--worker-index", type=_seed_part, default=0,
+                        help="this worker's number among processes sharing one study (0, 1, 2, ...): each "
+                             "needs its own, or they propose the same settings (default 0)")
     head_settings.add_setting_args(parser, searched=False)
     return parser
 
@@ -107,11 +121,30 @@ def main(args) -> int:
 
 def run_search(args) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and summary say it all
+    seed = sampler_seed(args)
     out = Path(args.out or f"outputs/search/{args.study_name}")
     outdir.check_search_dir(out)
     url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    if not is_shared(url):  # the embedded study lives in the folder; a shared one is opened first,
-        outdir.prepare_search_dir(out)  # so that an unreachable database leaves no empty folder
+    if args.storage is None:
+        outdir.prepare_search_dir(out)  # the default study.db, and so its lock, live in the folder
+    with sole_user(url):  # a SQLite study is one process's: a second one is refused here, before any work
+        if not is_shared(url):  # a shared study is opened first, so that an unreachable
+            outdir.prepare_search_dir(out)  # database leaves no empty folder
+        return search_and_report(args, out=out, url=url, seed=seed)
+
+
+def sampler_seed(args) -> int:
+    """The TPE sampler's seed: --sampler-seed plus --worker-index, so that workers sharing a
+    study (each given its own index) propose different settings, and one process, on any
+    storage, is reproducible from the seed recorded in config.json."""
+    seed = args.sampler_seed + args.worker_index
+    if seed > SEED_MAX:
+        raise SearchError(f"--sampler-seed {args.sampler_seed} plus --worker-index {args.worker_index} is {seed}, "
+                          f"above {SEED_MAX}, the largest seed the sampler takes: lower one of them")
+    return seed
+
+
+def search_and_report(args, *, out: Path, url: str, seed: int) -> int:
     device = resolve_device(args.device)
     paths = cache_paths(args)
     data = load_head_data(paths, device=device)  # each cache read once; trials select their blocks
@@ -119,26 +152,22 @@ def run_search(args) -> int:
     fixed = head_settings.settings_from_args(args)
     space = {**head_settings.search_space(), **({"features": ["choice", list(sets)]} if sets else {})}
     per_pass = args.trials_per_pass or DEFAULT_PER_PASS[device.type]
-    # The embedded SQLite study has one owner; shared storages coordinate through the database.
-    owner = cache.exclusive_lock(out / "study.db", purpose="search") if not is_shared(url) else contextlib.nullcontext()
-    with owner:
-        study = open_study(url, study_name=args.study_name, pruner=args.pruner, sampler_seed=args.sampler_seed,
-                           max_epochs=fixed["max_epochs"], stale_after=args.stale_after,
-                           identity=study_identity(data=data, fingerprints=data.fingerprints, fixed=fixed,
-                                                   space=space))
-        if is_shared(url):
-            outdir.prepare_search_dir(out)
-        else:
-            fail_interrupted_trials(study)
-        start = time.perf_counter()
-        ran = run_with_progress(study, args=args, data=data, fixed=fixed, device=device, url=url, per_pass=per_pass,
-                                sets=sets)
-        seconds = time.perf_counter() - start
+    study = open_study(url, study_name=args.study_name, pruner=args.pruner, sampler_seed=seed,
+                       max_epochs=fixed["max_epochs"], stale_after=args.stale_after,
+                       identity=study_identity(data=data, fingerprints=data.fingerprints, fixed=fixed, space=space))
+    if is_shared(url):
+        outdir.prepare_search_dir(out)
+    else:  # held by this process alone (sole_user): a RUNNING trial is a killed run's
+        fail_interrupted_trials(study)
+    start = time.perf_counter()
+    ran = run_with_progress(study, args=args, data=data, fixed=fixed, device=device, url=url, per_pass=per_pass,
+                            sets=sets)
+    seconds = time.perf_counter() - start
     best = best_trial(study)
     search_config = {"study": args.study_name, "storage": mask_url(url), "trials": args.trials,
                      "trials_per_pass": per_pass, "n_jobs": args.n_jobs, "pruner": args.pruner,
-                     "sampler": "TPE, constant liar", "sampler_seed": args.sampler_seed, "fixed": fixed,
-                     "search_space": space, "cache": [str(p) for p in paths], "feature_sets": sets}
+                     "sampler": "TPE, constant liar", "sampler_seed": seed, "worker_index": args.worker_index,
+                     "fixed": fixed, "search_space": space, "cache": [str(p) for p in paths], "feature_sets": sets}
     run_dir, metrics, settings, best_data = retrain_best(best, args=args, out=out, data=data, fixed=fixed,
                                                          device=device, sets=sets, search_config=search_config)
     write_search_outputs(out, study=study, best=best, settings=settings, metrics=metrics, config=search_config)

@@ -7,14 +7,19 @@ printed or written: `mask_url` for the URL, `mask_text` for any message that may
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import time
 import warnings
+from pathlib import Path
 from urllib.parse import quote, quote_plus
 
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from sqlalchemy.engine import URL, make_url
+
+import cache
 
 # Workers on a shared database beat every HEARTBEAT_S; a RUNNING trial silent for
 # --stale-after seconds belonged to a worker that died, and is marked FAIL so that the study
@@ -103,6 +108,48 @@ def mask_text(text: str, url: str | None) -> str:
 
 def is_shared(url: str) -> bool:
     return not url.startswith("sqlite")
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for an in-memory database and other storages."""
+    parsed = parse_url(url)
+    if parsed is None or not parsed.drivername.startswith("sqlite") or not parsed.database:
+        return None
+    database = parsed.database
+    if str(parsed.query.get("uri", "")).lower() in ("true", "1"):
+        if parsed.query.get("mode") == "memory":
+            return None
+        database = database.removeprefix("file:")
+    return None if database == ":memory:" else Path(database)
+
+
+def sole_user(url: str) -> contextlib.AbstractContextManager:
+    """Hold a SQLite study's file for this process alone until the context exits; refuse, in one
+    line, when another process holds it. The lock is on the file the URL names (its real path),
+    whatever --out is: a second process on one SQLite file would fail the first one's running
+    trials as interrupted. Other storages are built for several processes: nothing to hold."""
+    held = contextlib.ExitStack()
+    path = sqlite_file(url)
+    if path is None:
+        return held
+    try:
+        held.enter_context(cache.exclusive_lock(path, purpose="search"))
+    except cache.CacheError:
+        holder = _lock_holder(path)
+        raise SearchError(f"another search process ({holder}) is using {mask_url(url)}: a SQLite study serves one "
+                          f"process at a time; wait for it to finish, give a separate search its own SQLite file (or "
+                          f"--out), or share one study between processes with --storage journal:PATH (one "
+                          f"machine) or a PostgreSQL URL") from None
+    return held
+
+
+def _lock_holder(path: Path) -> str:
+    """Who holds `path`'s lock, as cache.exclusive_lock writes it in the lock file (on the real path)."""
+    real = Path(os.path.realpath(path))
+    try:
+        return real.with_name(real.name + ".lock").read_text().strip() or "unknown pid"
+    except OSError:
+        return "unknown pid"
 
 
 def has_heartbeat(url: str) -> bool:

@@ -2,27 +2,24 @@
 the sampler and pruner the flags name, and counted so that it ends with exactly N trials."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import warnings
 
 import optuna
 from optuna.trial import TrialState
 
-from search.storage import SearchError, is_shared, mask_text, mask_url, open_storage
+from heads.data import image_ids_sha256
+from search.storage import SearchError, mask_text, mask_url, open_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+FAIL_REASON = "fail_reason"  # the user attribute that says why a trial failed (trials.csv shows it)
 
 
 def rows_digest(data) -> dict:
     """Which rows each split uses, as a count and a hash of the sorted image ids: two caches
     with one fingerprint but other rows done (an extraction finished later) differ here."""
-    digest = {}
-    for name, split in data.splits.items():
-        ids = sorted(str(image_id) for image_id in split.image_ids)
-        digest[name] = {"rows": len(ids), "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
-    return digest
+    return {name: {"rows": len(split.image_ids), "sha256": image_ids_sha256(split.image_ids)[:16]}
+            for name, split in data.splits.items()}
 
 
 def study_identity(*, data, fingerprints: list, fixed: dict, space: dict) -> dict:
@@ -35,12 +32,9 @@ def open_study(url: str, *, study_name: str, identity: dict, pruner: str, sample
                max_epochs: int, stale_after: float) -> optuna.Study:
     """Create the study, or resume it after checking it searches the same thing on the same rows."""
     storage = open_storage(url, stale_after=stale_after)
-    # Workers sharing a database each need their own sampler stream, or their first random
-    # trials would propose identical settings; one process alone is reproducible.
-    seed = sampler_seed if not is_shared(url) else sampler_seed + os.getpid()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constant_liar
-        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)
     try:
         study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", sampler=sampler,
                                     pruner=make_pruner(pruner, max_epochs=max_epochs), load_if_exists=True)
@@ -81,8 +75,24 @@ def admitted(study, trial, target: int) -> bool:
 def fail_interrupted_trials(study: optuna.Study) -> None:
     """Trials left RUNNING in a study only this process can own were cut off by a kill."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted (process killed)")
+        fail_trial(study, trial, "interrupted (process killed)")
+
+
+def fail_trial(study: optuna.Study, trial, reason: str) -> bool:
+    """Fail a RUNNING trial, its reason recorded first (a finished trial's attributes are frozen);
+    False when it had already finished (another worker told or failed it first).
+
+    Optuna's public API sets a trial's attributes only through the `optuna.Trial` that `ask()`
+    returned to the process that asked for it. The trials failed here are mostly not that: a
+    killed run's, or a dead worker's in a shared study, read back from the storage as
+    FrozenTrials. So the reason is written through the storage by trial id, the one private
+    call; the state is told through the public `tell`."""
+    try:
+        study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)
         study.tell(trial.number, state=TrialState.FAIL)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 def best_trial(study) -> optuna.trial.FrozenTrial:

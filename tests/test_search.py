@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 import heads.run
 import search.passes
+import search.plots
 import search.run
 from cache.synthetic import write_synthetic_cache
 from conftest import REPO, call_main
@@ -63,6 +64,11 @@ def test_small_study_end_to_end(small_cache, tmp_path, monkeypatch):
     assert metrics["val"]["mean_auc"] == pytest.approx(study.best_value, abs=1e-9)
     assert test_calls.count(500) == 1  # the 500 test rows: scored once, by the best run
     assert "test" not in " ".join(pd.read_csv(out / "trials.csv").columns)
+    trials = pd.read_csv(out / "trials.csv", dtype=str)
+    assert "pass_seconds" in trials and "duration" not in trials  # the pass's time, named as such
+    assert trials["params_depth"].eq("0").any()  # a linear head has no width: the column has gaps
+    for column in ("params_width", "params_batch_size", "params_depth", "user_attrs_best_epoch"):
+        assert trials[column].dropna().str.fullmatch(r"\d+").all(), f"{column} written as floats"
     for name in ("trials.csv", "optimization_history.png", "param_importances.png", "config.json",
                  "best_run/predictions_test.csv", "best_run/head.pt", "best_run/roc_curves.png"):
         assert (out / name).exists(), name
@@ -191,6 +197,7 @@ def test_a_val_split_with_no_scorable_class_is_refused_before_any_trial(tmp_path
 @pytest.mark.parametrize("flag, value", [
     ("--trials", "0"), ("--trials", "-3"), ("--trials", "x"), ("--n-jobs", "0"), ("--timeout", "0"),
     ("--timeout", "nan"), ("--timeout", "-1"), ("--trials-per-pass", "0"), ("--sampler-seed", "-1"),
+    ("--sampler-seed", str(2**32)), ("--worker-index", "-1"), ("--worker-index", "1.5"),
     ("--stale-after", "1"), ("--stale-after", "inf"), ("--pruner", "sometimes"), ("--study-name", " "),
     ("--storage", "not a url :Pw@"),
 ])
@@ -203,6 +210,15 @@ def test_a_bad_flag_is_one_line_and_exit_2_before_any_work(flag, value, tmp_path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0], result.stderr
     assert not out.exists() and "Pw" not in result.stderr
+
+
+def test_a_seed_beyond_the_samplers_range_is_one_line_before_any_work(tmp_path):
+    """--sampler-seed plus --worker-index is the seed; above 2**32 - 1 numpy raised deep in Optuna."""
+    out = tmp_path / "s"
+    result = call_main("search", "--out", out, "--cache", tmp_path / "none.h5", "--sampler-seed", 2**32 - 1,
+                       "--worker-index", 1)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--worker-index" in result.stderr and str(2**32 - 1) in result.stderr and not out.exists()
 
 
 def test_out_that_is_a_file_or_a_foreign_folder_is_refused(small_cache, tmp_path):
@@ -261,3 +277,76 @@ def test_threads_in_one_process_finish_exactly_n_and_are_reproducible(small_cach
         studies.append(_study(out))
         _check_exact(studies[-1], 7)
     assert _outcomes(studies[0]) == _outcomes(studies[1])
+
+
+def _poison_test_split(run, *, perfect: bool):
+    """Rewrite a run's test predictions (and their mean AUC) to score 1.0 or 0.0 on test."""
+    path = run / "predictions_test.csv"
+    frame = pd.read_csv(path)
+    for column in [c for c in frame.columns if c.startswith("label_")]:
+        frame[column.replace("label_", "prob_", 1)] = frame[column] if perfect else 1 - frame[column]
+    frame.to_csv(path, index=False)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["test"]["mean_auc"] = 1.0 if perfect else 0.0
+    (run / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_the_standing_lists_runs_on_the_same_test_rows_by_validation_never_by_test(small_cache, tmp_path):
+    """Test AUC neither ranks nor chooses, not even in the closing hint: with the test split
+    poisoned so that the order on test inverts the order on validation, and a run on other
+    test rows scoring best of all, the hint lists the same-rows runs by validation, leaves the
+    other out, and the command it proposes is one heads.compare accepts."""
+    tree = tmp_path / "outputs"
+    runs = tree / "runs"
+    call_main("heads.train", "--cache", small_cache, "--out", runs / "weak", "--depth", "0", "--lr", "1e-5",
+              "--max-epochs", "2", "--bootstrap", "10", "--device", "cpu", check_rc=0)
+    call_main("heads.train", "--cache", small_cache, "--out", runs / "strong", "--depth", "0", *QUICK, check_rc=0)
+    other_rows = tmp_path / "other_rows.h5"
+    write_synthetic_cache(other_rows, rows={"train": 800, "val": 400, "test": 300}, dim=24, separation=1.19)
+    call_main("heads.train", "--cache", other_rows, "--out", runs / "other_rows", "--depth", "0", *QUICK, check_rc=0)
+    val = {name: json.loads((runs / name / "metrics.json").read_text())["val"]["mean_auc"] for name in ("weak", "strong")}
+    assert val["strong"] > val["weak"]
+    for name, perfect in (("weak", True), ("strong", False), ("other_rows", True)):
+        _poison_test_split(runs / name, perfect=perfect)
+    result = call_main("search", "--cache", small_cache, "--out", tree / "search" / "s", "--trials", "2", *QUICK,
+                       check_rc=0)
+    standing = result.stdout[result.stdout.index("other runs under"):]
+    assert "same 500 test images" in standing and "other_rows" not in standing and "test mean AUC" not in standing
+    assert standing.index(str(runs / "strong")) < standing.index(str(runs / "weak"))
+    command = next(line for line in standing.splitlines() if "python -m heads.compare " in line)
+    run_dirs = command.split("python -m heads.compare ", 1)[1].split()
+    assert run_dirs[1:] == [str(runs / "strong"), str(runs / "weak")]
+    call_main("heads.compare", *run_dirs, "--out", tmp_path / "compared", "--bootstrap", "20", check_rc=0)
+
+
+def _plotted(monkeypatch):
+    """The figures the search plots draw, caught instead of saved."""
+    import matplotlib.figure
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: figures.append(figure))
+    return figures
+
+
+def _toy_study(*, complete: int, pruned: int):
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for number in range(complete + pruned):
+        trial = study.ask()
+        lr, depth = trial.suggest_float("lr", 1e-4, 1e-1, log=True), trial.suggest_int("depth", 0, 3)
+        if number < pruned:
+            trial.report(0.5, 1)
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, 0.6 + lr - 0.01 * depth)
+    return study
+
+
+def test_search_plots_show_pruned_trials_and_caution_on_few_trials(tmp_path, monkeypatch):
+    figures = _plotted(monkeypatch)
+    few = _toy_study(complete=6, pruned=3)
+    search.plots.plot_history(tmp_path / "history.png", few)
+    labels = [text.get_text() for text in figures[-1].axes[0].get_legend().get_texts()]
+    assert "complete (6)" in labels and any(label.startswith("pruned (3)") for label in labels)
+    assert search.plots.plot_importances(tmp_path / "importances.png", few)
+    assert any("only 6 complete trials" in text.get_text() for text in figures[-1].texts)
+    assert search.plots.plot_importances(tmp_path / "importances.png", _toy_study(complete=25, pruned=0))
+    assert not any("caution" in text.get_text() for text in figures[-1].texts)

@@ -73,6 +73,9 @@ def test_the_best_run_is_set_against_the_other_runs_of_the_tree(two_caches, tmp_
                                 out=root / "runs" / "strong-default", device="cpu", n_bootstrap=10, quiet=True)
     result = call_main("search", "--cache", weak, "--out", root / "search" / "weak", "--trials", "3", *QUICK,
                        check_rc=0)
-    assert f"among 2 runs under {root}" in result.stdout
-    assert "this best run is #2" in result.stdout  # the weak encoder's best is below the strong default
-    assert f"python -m heads.compare {root / 'search' / 'weak' / 'best_run'} {other.resolve()}" in result.stdout
+    # the same images through two encoders: the same test rows, so the other run is listed, by validation
+    other_val = json.loads((other / "metrics.json").read_text())["val"]["mean_auc"]
+    assert f"1 other run under {root} scored the same 300 test images" in result.stdout
+    assert f"{other_val:.4f}  {root / 'runs' / 'strong-default'}" in result.stdout
+    assert (f"python -m heads.compare {root / 'search' / 'weak' / 'best_run'} {root / 'runs' / 'strong-default'}"
+            in result.stdout)

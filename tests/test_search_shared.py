@@ -1,7 +1,10 @@
 """Studies shared by several workers (journal file, PostgreSQL): exactly N finished trials,
 also when a worker is killed in the middle of a trial."""
+import contextlib
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -12,9 +15,9 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from cache.synthetic import write_synthetic_cache
-from conftest import REPO, call_main
+from conftest import REPO, call_main, run_cli
 from search.liveness import JournalOwnership
-from test_search import _check_exact  # the exact-N check, defined once
+from test_search import _check_exact, _outcomes  # the exact-N check and a study's outcomes, defined once
 
 QUICK = ["--max-epochs", "12", "--patience", "3", "--bootstrap", "20", "--device", "cpu"]
 PG_URL = os.environ.get("CXR14_TEST_POSTGRES_URL")
@@ -53,7 +56,8 @@ def _popen(command, **kwargs):
 def _workers(storage, tmp_path, small_cache, *, trials, study_name, count=2):
     """`count` search processes sharing one study; returns their (stdout, stderr)."""
     processes = [_popen(_search("--cache", small_cache, "--out", tmp_path / f"w{i}", "--storage", storage,
-                                "--study-name", study_name, "--trials", trials, "--trials-per-pass", 2),
+                                "--study-name", study_name, "--trials", trials, "--trials-per-pass", 2,
+                                "--worker-index", i),
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(count)]
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (stdout, stderr) in zip(processes, outputs):
@@ -162,3 +166,65 @@ def test_postgresql_fails_a_killed_workers_trials_while_waiting(small_cache, tmp
         assert study.trials[number].state == TrialState.FAIL
         reason = study.trials[number].user_attrs["fail_reason"]
         assert "stopped beating" in reason or "died before it started" in reason
+
+
+def _sqlite_study(path):
+    return optuna.load_study(study_name="cxr14-heads", storage=f"sqlite:///{path}")
+
+
+def _running_trials_read_only(path) -> int:
+    """RUNNING trials in a SQLite study, read without creating anything (Optuna's own loader
+    would create the schema, racing the search that is creating it)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT count(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0]
+    except sqlite3.Error:  # no file or no tables yet
+        return 0
+
+
+def test_a_second_process_on_one_sqlite_file_is_refused_and_the_first_finishes(small_cache, tmp_path):
+    """Two searches, two --out folders, one SQLite file (the first's default study.db, named by
+    the second's --storage): the second is refused in one line and touches nothing, where it
+    used to fail the first's running trials as interrupted and crash it."""
+    first_out = tmp_path / "a"
+    first = _popen(_search("--cache", small_cache, "--out", first_out, "--trials", 40, "--trials-per-pass", 2,
+                           "--timeout", 5), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, running = time.time() + 240, 0
+    while time.time() < deadline and first.poll() is None and not running:
+        time.sleep(0.2)
+        running = _running_trials_read_only(first_out / "study.db")
+    assert first.poll() is None and running, f"the first search ended first: {first.stderr.read() if first.poll() else ''}"
+    second_out = tmp_path / "b"
+    second = call_main("search", "--cache", small_cache, "--out", second_out, "--storage",
+                       f"sqlite:///{first_out / 'study.db'}", "--trials", 1, *QUICK)
+    assert second.returncode == 2 and "another search process" in second.stderr, second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1 and not second_out.exists()
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr
+    study = _sqlite_study(first_out / "study.db")
+    assert not [t for t in study.trials if t.state == TrialState.FAIL], "the second process failed the first's trials"
+    assert len(_finished(study)) == len(study.trials) >= 1
+
+
+def _journal_search(runner, *, journal, out, seed_flags, small_cache):
+    return runner("search", "--cache", small_cache, "--out", out, "--storage", f"journal:{journal}",
+                  "--study-name", "shared", "--trials", 3, "--trials-per-pass", 3, *seed_flags, "--max-epochs", 3,
+                  "--patience", 2, "--bootstrap", 10, "--device", "cpu", check_rc=0)
+
+
+def test_one_process_on_a_journal_is_reproducible_from_the_seed_it_records(small_cache, tmp_path):
+    """The seed once was --sampler-seed plus the process id on shared storages (and config.json
+    said otherwise): two processes gave two searches. Now the seed is --sampler-seed plus
+    --worker-index, and the one recorded reproduces the search."""
+    studies = []
+    for name in ("a", "b"):  # separate processes, so separate pids
+        _journal_search(run_cli, journal=tmp_path / f"{name}.log", out=tmp_path / name,
+                        seed_flags=["--sampler-seed", 3], small_cache=small_cache)
+        studies.append(_outcomes(_journal_study(tmp_path / f"{name}.log")))
+        assert json.loads((tmp_path / name / "config.json").read_text())["sampler_seed"] == 3
+    assert studies[0] == studies[1]
+    _journal_search(call_main, journal=tmp_path / "c.log", out=tmp_path / "c",
+                    seed_flags=["--sampler-seed", 1, "--worker-index", 2], small_cache=small_cache)
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert (config["sampler_seed"], config["worker_index"]) == (3, 2)
+    assert _outcomes(_journal_study(tmp_path / "c.log")) == studies[0]  # the recorded seed is the one used
