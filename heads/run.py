@@ -69,8 +69,12 @@ def run_config(*, cache_path, data, settings, device, class_weights_used: dict, 
     return {
         "model": "head", "settings": settings, "cache": str(Path(_first(cache_path)).resolve()),
         "cache_fingerprint": data.attrs["fingerprint"],
-        "caches": [{key: entry[key] for key in ("name", "path", "fingerprint", "columns")} for entry in data.caches],
-        "cache_attrs": {k: v for k, v in data.attrs.items() if k not in ("versions", "created")},
+        # every cache's recipe, so that heads.predict rebuilds each encoder of a joined run: the
+        # first cache's is cache_attrs, each further cache's is its entry's attrs
+        "caches": [{**{key: entry[key] for key in ("name", "path", "fingerprint", "columns")},
+                    **({"attrs": _recipe(entry["attrs"])} if index else {})}
+                   for index, entry in enumerate(data.caches)],
+        "cache_attrs": _recipe(data.attrs),
         "official_nih_test_split": data.official_nih,
         "device": str(device), "class_weights": {**class_weights_used, "formula": WEIGHTING_FORMULA},
         "standardization": ("features minus train mean, divided by train std (stored in head.pt), "
@@ -80,6 +84,11 @@ def run_config(*, cache_path, data, settings, device, class_weights_used: dict, 
         "versions": versions(**{"scikit-learn": version("scikit-learn")}),
         **(extra or {}),
     }
+
+
+def _recipe(attrs: dict) -> dict:
+    """A cache's attributes without the ones that say when and with what it was written."""
+    return {k: v for k, v in attrs.items() if k not in ("versions", "created")}
 
 
 def _first(cache_paths):
