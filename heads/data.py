@@ -298,11 +298,36 @@ def _check_finite(block: np.ndarray, image_ids, cache_path) -> None:
 
 def _check_val_scorable(val: Split, paths) -> None:
     """Early stopping needs a validation AUC: at least one class with both label values."""
-    positives = val.labels.sum(dim=0)
-    if not ((positives > 0) & (positives < len(val))).any():
+    if not scorable_classes(val.labels).any():
         raise HeadsError(f"{paths[0]}: no class has both positive and negative rows in the val split "
                          f"({len(val)} rows), so no head can be chosen on validation; extract more val rows "
                          f"or make the cache with a larger --val-fraction")
+
+
+def scorable_classes(labels: torch.Tensor) -> torch.Tensor:
+    """(C,) bool: the classes an AUC can be computed for, i.e. with both label values."""
+    positives = labels.sum(dim=0)
+    return (positives > 0) & (positives < len(labels))
+
+
+def scoring_warnings(data: HeadData) -> list[str]:
+    """One line per way the choices made on validation may mislead, to say before training:
+    validation scores fewer classes than test (early stopping, the grid and the search rank a
+    mean over those alone), or a class has no train positive (the head cannot learn it; its
+    probabilities mean nothing). Counts only: no test value is ranked or chosen here."""
+    lines = []
+    val, test = scorable_classes(data.val.labels).tolist(), scorable_classes(data.test.labels).tolist()
+    if sum(val) < sum(test):
+        missing = [name for name, v, t in zip(data.classes, val, test) if t and not v]
+        lines.append(f"validation ({len(data.val)} rows) can score {sum(val)} of the {sum(test)} classes test "
+                     f"scores (not {', '.join(missing)}): every choice on validation rests on a mean over "
+                     f"{sum(val)} classes; extract more val rows or use a larger --val-fraction")
+    absent = [name for name, n in zip(data.classes, data.train.labels.sum(dim=0).tolist()) if n == 0]
+    if absent:
+        lines.append(f"no train positive for {', '.join(absent)}: the head cannot learn "
+                     f"{'it' if len(absent) == 1 else 'them'}, and its probabilities for "
+                     f"{'it' if len(absent) == 1 else 'them'} mean nothing")
+    return lines
 
 
 def _describe_caches(paths, attrs_list, dims) -> tuple[list, dict]:
