@@ -140,9 +140,28 @@ def write_run(partial: Path, *, classes, config: dict, metrics: dict, val, val_s
     if checkpoint is not None:
         torch.save(checkpoint, partial / "head.pt")
     test_aucs = [metrics["test"]["auc"][c] for c in classes]
+    title, marks = figure_title(config, metrics, official_nih=official_nih)
     plot_roc_curves(partial / "roc_curves.png", labels=test.labels.cpu().numpy(), scores=test_scores,
-                    classes=classes, aucs=test_aucs,
-                    title=f"{config.get('model', 'head')}: test mean AUC {metrics['test']['mean_auc']:.3f}")
+                    classes=classes, aucs=test_aucs, ci=metrics["test"]["ci95"]["per_class"], title=title, marks=marks)
+
+
+def figure_title(config: dict, metrics: dict, *, official_nih: bool) -> tuple[str, list]:
+    """(title naming the run: encoders with their weights, caches, head and test mean; marks that
+    keep a figure of random weights, synthetic features or other data from passing for a result)."""
+    recipes = [config["cache_attrs"]] + [entry.get("attrs", {}) for entry in config.get("caches", [])[1:]]
+    encoders = " + ".join(f"{r.get('backbone', '?')} ({r.get('weights', '?')})" for r in recipes)
+    caches = ", ".join(Path(entry["path"]).name for entry in config.get("caches", [])) or Path(config["cache"]).name
+    test = metrics["test"]
+    title = (f"{encoders}, cache {caches}\n{config.get('model', 'head')}: test mean AUC {test['mean_auc']:.3f} "
+             f"[{test['ci95']['mean'][0]:.3f}, {test['ci95']['mean'][1]:.3f}]")
+    marks = []
+    if any(str(r.get("weights", "")).startswith("random(") for r in recipes):
+        marks.append("RANDOM ENCODER WEIGHTS: a pipeline test, not a result")
+    if any(r.get("backbone") == "synthetic-gaussian" for r in recipes):
+        marks.append("SYNTHETIC FEATURES")
+    if not official_nih:
+        marks.append("not the official NIH test split")
+    return title, marks
 
 
 def _write_json(path, content) -> None:
