@@ -1,8 +1,10 @@
 """`python -m heads.predict --run DIR IMAGE_OR_FOLDER...`: score new images with a trained head.
 
 The images go through the same encoder, weights, preprocessing, layers and precision that
-made the run's cache (read from the run's config.json), then the head; the 14 probabilities
-per image go to a CSV (default under outputs/predictions/).
+made the run's cache (read from the run's config.json; a run on several caches rebuilds each
+cache's encoder and joins the features in the run's column order), then the head. The CSV
+(default under outputs/predictions/) has image_id (the file name), path, and one prob_<class>
+column per class.
 """
 from __future__ import annotations
 
