@@ -225,9 +225,9 @@ def _check_local_folder(attrs: dict) -> None:
                            f"processor or weights); restore it, or re-extract and retrain")
 
 
-def build_encoder(attrs: dict, weights_path, *, device):
-    """The encoder that made the cache, refused if it would not prepare images the same way.
-    A random-weights encoder is said once, in one line."""
+def build_encoder(attrs: dict, weights_path, *, device) -> tuple:
+    """(the encoder that made the cache, the warnings to print as one line each), refused if it
+    would not prepare images the same way."""
     from extract import encoders
     recipe = attrs["preprocessing"]
     with warnings.catch_warnings(record=True) as caught:
@@ -235,19 +235,18 @@ def build_encoder(attrs: dict, weights_path, *, device):
         encoder = encoders.build_encoder(attrs["backbone"], weights=weights_spec(attrs, weights_path),
                                          image_size=attrs["image_size"], layers=tuple(recipe.get("layers", ())),
                                          pooling=recipe.get("pooling", "cls"), device=device)
-    if attrs["weights"].startswith("random("):
-        print(f"warning: {attrs['backbone']} has random weights ({attrs['weights']}, the cache was made with "
-              f"--weights none): these probabilities only test the pipeline", file=sys.stderr)
+    if attrs["weights"].startswith("random("):  # said in the run's terms, not extract's --weights none
+        notes = [f"{attrs['backbone']} has random weights ({attrs['weights']}, the cache was made with --weights "
+                 f"none): these probabilities only test the pipeline"]
     else:
-        for message in dict.fromkeys(str(w.message).splitlines()[0] for w in caught if str(w.message)):
-            print(f"warning: {message}", file=sys.stderr)
+        notes = [str(w.message).splitlines()[0] for w in caught if str(w.message)]
     if encoder.recipe() != recipe:
         raise PredictError(f"the cache's preprocessing {recipe} differs from this version's {encoder.recipe()}; "
                            f"re-extract, or predict with the version that made the cache")
     if encoder.feature_dim != attrs["feature_dim"]:
         raise PredictError(f"{attrs['backbone']} gives {encoder.feature_dim} features here, the cache holds "
                            f"{attrs['feature_dim']}; predict with the version that made the cache")
-    return encoder
+    return encoder, notes
 
 
 def list_images(inputs) -> list[Path]:
@@ -289,7 +288,10 @@ def predict(*, run_dir: Path, inputs, out, weights_path, device, batch_size) -> 
     if sum(r["feature_dim"] for r in recipes) != checkpoint["in_dim"]:
         raise PredictError(f"{run_dir}: the head takes {checkpoint['in_dim']} features, its caches give "
                            f"{sum(r['feature_dim'] for r in recipes)}; use an untouched run directory")
-    encoders = [build_encoder(attrs, weights_path, device=device) for attrs in recipes]
+    built = [build_encoder(attrs, weights_path, device=device) for attrs in recipes]
+    encoders = [encoder for encoder, _ in built]
+    for note in dict.fromkeys(note for _, notes in built for note in notes):  # once, however many caches
+        print(f"warning: {note}", file=sys.stderr)
     paths = list_images(inputs)
     per_encoder, failed = [], {}
     for encoder, attrs in zip(encoders, recipes):

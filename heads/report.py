@@ -145,11 +145,16 @@ def write_run(partial: Path, *, classes, config: dict, metrics: dict, val, val_s
                     classes=classes, aucs=test_aucs, ci=metrics["test"]["ci95"]["per_class"], title=title, marks=marks)
 
 
+def _layers(recipe: dict) -> str:
+    layers = (recipe.get("preprocessing") or {}).get("layers") if isinstance(recipe.get("preprocessing"), dict) else None
+    return f"[{','.join(layers)}]" if layers else ""
+
+
 def figure_title(config: dict, metrics: dict, *, official_nih: bool) -> tuple[str, list]:
     """(title naming the run: encoders with their weights, caches, head and test mean; marks that
     keep a figure of random weights, synthetic features or other data from passing for a result)."""
     recipes = [config["cache_attrs"]] + [entry.get("attrs", {}) for entry in config.get("caches", [])[1:]]
-    encoders = " + ".join(f"{r.get('backbone', '?')} ({r.get('weights', '?')})" for r in recipes)
+    encoders = " + ".join(f"{r.get('backbone', '?')}{_layers(r)} ({r.get('weights', '?')})" for r in recipes)
     caches = ", ".join(Path(entry["path"]).name for entry in config.get("caches", [])) or Path(config["cache"]).name
     test = metrics["test"]
     title = (f"{encoders}, cache {caches}\n{config.get('model', 'head')}: test mean AUC {test['mean_auc']:.3f} "

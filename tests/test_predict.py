@@ -155,6 +155,9 @@ def test_a_run_on_two_caches_predicts_what_it_saved(extracted_cache, synthetic_d
     images, predicted, saved = predict_saved_test_images(run, synthetic_dir, tmp_path / "p.csv", n=4)
     np.testing.assert_allclose(predicted, saved, atol=2e-3)
     assert pd.read_csv(tmp_path / "p.csv")["image_id"].tolist() == [image.name for image in images]
+    result = call_main("heads.predict", "--run", run, images[0], "--out", tmp_path / "one.csv", "--device", "cpu",
+                       check_rc=0)
+    assert len([line for line in result.stderr.splitlines() if "random weights" in line]) == 1  # two encoders, once
 
 
 def test_a_local_hf_folder_changed_since_extraction_is_refused(tiny_dinov2, synthetic_dir, tmp_path):  # noqa: F811
