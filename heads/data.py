@@ -310,6 +310,11 @@ def scorable_classes(labels: torch.Tensor) -> torch.Tensor:
     return (positives > 0) & (positives < len(labels))
 
 
+def classes_without_train_positive(data: HeadData) -> list[str]:
+    """Classes the head cannot learn: not one train row has them."""
+    return [name for name, n in zip(data.classes, data.train.labels.sum(dim=0).tolist()) if n == 0]
+
+
 def scoring_warnings(data: HeadData) -> list[str]:
     """One line per way the choices made on validation may mislead, to say before training:
     validation scores fewer classes than test (early stopping, the grid and the search rank a
@@ -322,7 +327,7 @@ def scoring_warnings(data: HeadData) -> list[str]:
         lines.append(f"validation ({len(data.val)} rows) can score {sum(val)} of the {sum(test)} classes test "
                      f"scores (not {', '.join(missing)}): every choice on validation rests on a mean over "
                      f"{sum(val)} classes; extract more val rows or use a larger --val-fraction")
-    absent = [name for name, n in zip(data.classes, data.train.labels.sum(dim=0).tolist()) if n == 0]
+    absent = classes_without_train_positive(data)
     if absent:
         lines.append(f"no train positive for {', '.join(absent)}: the head cannot learn "
                      f"{'it' if len(absent) == 1 else 'them'}, and its probabilities for "

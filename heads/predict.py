@@ -235,11 +235,9 @@ def build_encoder(attrs: dict, weights_path, *, device) -> tuple:
         encoder = encoders.build_encoder(attrs["backbone"], weights=weights_spec(attrs, weights_path),
                                          image_size=attrs["image_size"], layers=tuple(recipe.get("layers", ())),
                                          pooling=recipe.get("pooling", "cls"), device=device)
-    if attrs["weights"].startswith("random("):  # said in the run's terms, not extract's --weights none
-        notes = [f"{attrs['backbone']} has random weights ({attrs['weights']}, the cache was made with --weights "
-                 f"none): these probabilities only test the pipeline"]
-    else:
-        notes = [str(w.message).splitlines()[0] for w in caught if str(w.message)]
+    # random weights are said once for the whole run by predict(), in the run's terms
+    notes = [] if attrs["weights"].startswith("random(") else \
+        [str(w.message).splitlines()[0] for w in caught if str(w.message)]
     if encoder.recipe() != recipe:
         raise PredictError(f"the cache's preprocessing {recipe} differs from this version's {encoder.recipe()}; "
                            f"re-extract, or predict with the version that made the cache")
@@ -276,11 +274,26 @@ def embed_images(paths: list, *, encoder, attrs: dict, device, batch_size: int) 
     return features, failed
 
 
+def say_warnings(config: dict, recipes: list, *, notes: list) -> None:
+    """Each caveat once, one line each: random encoder weights (however many caches have them),
+    classes the run never saw a train positive of, the encoders' own warnings."""
+    random = [attrs["backbone"] for attrs in recipes if attrs["weights"].startswith("random(")]
+    if random:
+        notes = [f"{' + '.join(random)}: random encoder weights (the cache was made with --weights none), so "
+                 f"these probabilities only test the pipeline", *notes]
+    unlearned = config.get("classes_without_train_positive")
+    if isinstance(unlearned, list) and unlearned:
+        notes.append(f"the run had no train positive for {', '.join(map(str, unlearned))}: its probabilities for "
+                     f"{'it' if len(unlearned) == 1 else 'them'} mean nothing")
+    for note in dict.fromkeys(notes):
+        print(f"warning: {note}", file=sys.stderr)
+
+
 def predict(*, run_dir: Path, inputs, out, weights_path, device, batch_size) -> list:
     """Write the CSV; returns [(image, reason)] for images that could not be scored. A run on
     several caches embeds each image with every cache's encoder and joins the features in the
     run's column order."""
-    _, recipes = read_run(run_dir)
+    config, recipes = read_run(run_dir)
     head, checkpoint = read_checkpoint(run_dir / "head.pt", device=device)
     recorded = checkpoint.get("cache_fingerprints")
     if recorded is not None and list(recorded) != [r["fingerprint"] for r in recipes]:
@@ -290,8 +303,7 @@ def predict(*, run_dir: Path, inputs, out, weights_path, device, batch_size) -> 
                            f"{sum(r['feature_dim'] for r in recipes)}; use an untouched run directory")
     built = [build_encoder(attrs, weights_path, device=device) for attrs in recipes]
     encoders = [encoder for encoder, _ in built]
-    for note in dict.fromkeys(note for _, notes in built for note in notes):  # once, however many caches
-        print(f"warning: {note}", file=sys.stderr)
+    say_warnings(config, recipes, notes=[note for _, notes in built for note in notes])
     paths = list_images(inputs)
     per_encoder, failed = [], {}
     for encoder, attrs in zip(encoders, recipes):

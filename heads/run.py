@@ -10,7 +10,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from cache.runtime import versions
-from heads.data import HeadData, load_head_data, scoring_warnings
+from heads.data import HeadData, classes_without_train_positive, load_head_data, scoring_warnings
 from heads.estimator import Head
 from heads.fit import predict_proba
 from heads.model import WEIGHTING_FORMULA
@@ -80,6 +80,7 @@ def run_config(*, cache_path, data, settings, device, class_weights_used: dict, 
                    for index, entry in enumerate(data.caches)],
         "cache_attrs": _recipe(data.attrs),
         "official_nih_test_split": data.official_nih,
+        "classes_without_train_positive": classes_without_train_positive(data),
         "device": str(device), "class_weights": {**class_weights_used, "formula": WEIGHTING_FORMULA},
         "standardization": ("features minus train mean, divided by train std (stored in head.pt), "
                             "held as float16"),

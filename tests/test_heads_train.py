@@ -201,3 +201,4 @@ def test_a_tiny_validation_split_is_said_labelled_and_its_ties_explained(tmp_pat
     assert metrics["best_epoch"] == tied[0] and metrics["epochs_tied"] == len(tied)
     assert (f"{len(tied)} epochs tie at it, the earliest is kept" in result.stdout) == (len(tied) > 1)
     assert f"over {val_scored} classes" in result.stdout
+    assert json.loads((out / "config.json").read_text())["classes_without_train_positive"] == ["Hernia"]

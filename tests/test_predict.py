@@ -139,8 +139,9 @@ def test_an_edited_recipe_in_the_run_config_is_refused(trained_run, synthetic_di
 def test_random_weights_are_said_in_one_clean_line(trained_run, synthetic_dir, tmp_path):
     result = call_main("heads.predict", "--run", trained_run, _one_image(synthetic_dir), "--out", tmp_path / "p.csv",
                        "--device", "cpu", check_rc=0)
-    warnings = [line for line in result.stderr.splitlines() if "random weights" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "only test the pipeline" in warnings[0]
+    warnings = [line for line in result.stderr.splitlines() if "random encoder weights" in line]
+    assert warnings == ["warning: resnet50: random encoder weights (the cache was made with --weights none), so "
+                        "these probabilities only test the pipeline"]
     assert "UserWarning" not in result.stderr and ".py:" not in result.stderr
 
 
@@ -157,7 +158,9 @@ def test_a_run_on_two_caches_predicts_what_it_saved(extracted_cache, synthetic_d
     assert pd.read_csv(tmp_path / "p.csv")["image_id"].tolist() == [image.name for image in images]
     result = call_main("heads.predict", "--run", run, images[0], "--out", tmp_path / "one.csv", "--device", "cpu",
                        check_rc=0)
-    assert len([line for line in result.stderr.splitlines() if "random weights" in line]) == 1  # two encoders, once
+    assert [line for line in result.stderr.splitlines() if "random" in line] == [  # two encoders, one line
+        "warning: resnet18 + resnet50: random encoder weights (the cache was made with --weights none), so these "
+        "probabilities only test the pipeline"]
 
 
 def test_a_local_hf_folder_changed_since_extraction_is_refused(tiny_dinov2, synthetic_dir, tmp_path):  # noqa: F811
@@ -177,3 +180,14 @@ def test_a_local_hf_folder_changed_since_extraction_is_refused(tiny_dinov2, synt
                        "--device", "cpu")
     assert result.returncode == 2 and f"the folder {folder} has changed since the cache was made" in result.stderr
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_class_the_run_never_saw_positive_is_said(trained_run, synthetic_dir, tmp_path):
+    run = _copy_run(trained_run, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    assert config["classes_without_train_positive"] == []  # what heads.train records
+    config["classes_without_train_positive"] = ["Hernia"]  # as a run on a cache without train Hernia records
+    (run / "config.json").write_text(json.dumps(config))
+    result = call_main("heads.predict", "--run", run, _one_image(synthetic_dir), "--out", tmp_path / "p.csv",
+                       "--device", "cpu", check_rc=0)
+    assert "warning: the run had no train positive for Hernia: its probabilities for it mean nothing" in result.stderr
