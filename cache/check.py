@@ -16,6 +16,9 @@ from cache.store import (
 def describe(path) -> str:
     """Schema, provenance and per-split / per-class counts, as printable text."""
     attrs = read_attrs(path)
+    classes_problem = _classes_problem(attrs["classes"])
+    if classes_problem:
+        raise CacheError(f"{path}: {classes_problem}; run `python -m cache verify {path}` for the full report")
     table = read_table(path)
     lines = [f"cache {path}", "", "datasets:"]
     with open_cache(path) as f:
@@ -103,6 +106,9 @@ def structural_problems(path) -> list[str]:
     attrs = read_attrs(path)
     if attrs["schema_version"] != SCHEMA_VERSION:  # the other checks assume this version's layout
         return [f"schema_version {attrs['schema_version']!r} is not one this kit reads (it reads {SCHEMA_VERSION})"]
+    classes_problem = _classes_problem(attrs["classes"])
+    if classes_problem:  # the label checks below count on it
+        return [classes_problem]
     problems = []
     if compute_fingerprint(attrs) != attrs["fingerprint"]:
         problems.append("fingerprint does not match the stored settings (attributes were edited)")
@@ -128,6 +134,15 @@ def structural_problems(path) -> list[str]:
         if name in in_split:
             in_split[name] |= split == raw
     return problems + _patient_overlaps(patients, in_split)
+
+
+def _classes_problem(classes) -> str | None:
+    """The `classes` attribute must name each label column once, as text."""
+    if not isinstance(classes, list) or not classes or not all(isinstance(name, str) and name for name in classes):
+        return f"attribute classes is {str(classes)[:60]!r}, not a list of class names"
+    if len(set(classes)) < len(classes):
+        return f"attribute classes names a class twice: {sorted({c for c in classes if classes.count(c) > 1})}"
+    return None
 
 
 def _shape_problems(shapes: dict, attrs: dict, feature_dtype: str) -> list[str]:

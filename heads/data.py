@@ -1,8 +1,9 @@
 """The caches' done rows as in-memory tensors, one per split, standardized with train statistics.
 
-Features are held in float16 (the cache already stores float16): at NIH scale the matrix is
-460 MB instead of 920 MB in float32. They are standardized once, in place, block by block, so
-no float32 copy of the whole matrix ever exists; training converts one minibatch at a time.
+Features are held in float16: at NIH scale the matrix is 460 MB instead of 920 MB in float32.
+They are standardized block by block (in place for a float16 cache, in float32 before the cast
+for a float32 one), so no float32 copy of the whole matrix ever exists and an affine rescale of
+the cache changes nothing; training converts one minibatch at a time.
 
 Several caches of the same images (e.g. two encoders) load as one matrix whose columns are the
 caches' feature blocks side by side, joined by image id; `HeadData.select` picks a subset of
@@ -132,10 +133,7 @@ def load_head_data(cache_paths, *, device="cpu", dtype=np.float16) -> HeadData:
     done = np.logical_and.reduce([t["done"] for t in tables])
     rows, excluded = _split_rows(table, done, paths)
     dims = [int(a["feature_dim"]) for a in attrs_list]
-    matrices, sums, squares = _read_standardizable(paths, rows, dims, table, dtype=dtype)
-    mean, std = _train_statistics(sums, squares, len(rows[TRAIN]))
-    for block in matrices.values():
-        _standardize_in_place(block, mean, std)
+    matrices, mean, std = _read_standardized(paths, rows, dims, table, attrs_list, dtype=dtype)
     splits = {}
     for split in SPLITS:
         splits[split] = Split(
@@ -190,49 +188,105 @@ def _split_rows(table, done, paths) -> tuple[dict, dict]:
     return rows, excluded
 
 
-def _read_standardizable(paths, rows: dict, dims: list, table, *, dtype) -> tuple[dict, np.ndarray, np.ndarray]:
-    """float16 matrices per split (caches side by side in columns), filled block by block in
-    file order, with the float64 sums and sums of squares of the train rows' raw features."""
+def _read_standardized(paths, rows: dict, dims: list, table, attrs_list, *, dtype) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Per split, the matrix of standardized features in `dtype` (caches side by side in
+    columns), with the train mean and std of the raw features.
+
+    A cache whose stored values `dtype` holds exactly (float16 features held as float16) is read
+    once: raw values go into the matrix and are standardized there. A cache stored in more
+    precision than `dtype` (float32 held as float16) is standardized in float32 block by block
+    before the cast, which needs its train statistics first: its train rows are read twice.
+    Casting raw float32 values to float16 first would clip them at +-65,504 and round away
+    whatever varies below a large offset (features x*1000 + 1e6 lose every signal)."""
+    plan = _RowPlan(rows)
     matrices = {split: np.empty((len(r), sum(dims)), dtype) for split, r in rows.items()}
-    sums, squares = np.zeros(sum(dims)), np.zeros(sum(dims))
-    wanted = np.concatenate([rows[s] for s in SPLITS])
-    destination_split = np.concatenate([np.full(len(rows[s]), i) for i, s in enumerate(SPLITS)])
-    destination_row = np.concatenate([np.arange(len(rows[s])) for s in SPLITS])
-    order = np.argsort(wanted, kind="stable")
-    for start in range(0, len(order), BLOCK_ROWS):
-        chosen = order[start:start + BLOCK_ROWS]
-        column = 0
-        for path, dim in zip(paths, dims):
-            block = cache.read_features(path, {"block": wanted[chosen]})["block"]
-            _check_finite(block, table["image_id"][wanted[chosen]], path)
-            train_block = block[destination_split[chosen] == 0]
-            # float32 squares summed in float64: no float64 copy of the block
-            sums[column:column + dim] += train_block.sum(axis=0, dtype=np.float64)
-            squares[column:column + dim] += np.square(train_block).sum(axis=0, dtype=np.float64)
-            del train_block
-            for index, split in enumerate(SPLITS):
-                mine = destination_split[chosen] == index
-                matrices[split][destination_row[chosen[mine]], column:column + dim] = \
-                    np.clip(block[mine], -FLOAT16_MAX, FLOAT16_MAX)
-            column += dim
-    return matrices, sums, squares
+    mean, std = np.empty(sum(dims), np.float32), np.empty(sum(dims), np.float32)
+    column = 0
+    for path, dim, attrs in zip(paths, dims, attrs_list):
+        span = slice(column, column + dim)
+        exact = np.dtype(attrs["feature_dtype"]).itemsize <= np.dtype(dtype).itemsize
+        moments = _Moments(dim)
+        for chosen, block in plan.blocks(path, table, train_only=not exact):
+            moments.add(block[plan.split_index[chosen] == 0])
+            if exact:
+                plan.store(matrices, chosen, span, block)
+        mean[span], std[span] = moments.mean_std()
+        if exact:
+            for matrix in matrices.values():
+                _standardize_in_place(matrix, span, mean[span], std[span])
+        else:
+            for chosen, block in plan.blocks(path, table):
+                plan.store(matrices, chosen, span, _standardized(block, mean[span], std[span]))
+        column += dim
+    return matrices, mean, std
 
 
-def _train_statistics(sums, squares, n_train) -> tuple[np.ndarray, np.ndarray]:
-    mean = sums / n_train
-    std = np.sqrt(np.maximum(squares / n_train - mean ** 2, 0.0))
-    # A constant feature (std 0) would divide by zero; leave it centred instead.
-    std = np.where(std > 1e-6, std, 1.0)
-    return mean.astype(np.float32), std.astype(np.float32)
+class _RowPlan:
+    """Where each wanted cache row goes (split, row of that split's matrix), visited in file order."""
+
+    def __init__(self, rows: dict):
+        self.wanted = np.concatenate([rows[s] for s in SPLITS])
+        self.split_index = np.concatenate([np.full(len(rows[s]), i) for i, s in enumerate(SPLITS)])
+        self.destination = np.concatenate([np.arange(len(rows[s])) for s in SPLITS])
+        self.order = np.argsort(self.wanted, kind="stable")
+
+    def blocks(self, path, table, *, train_only: bool = False):
+        """(positions in the plan, float32 features) per block of rows, checked finite."""
+        order = self.order[self.split_index[self.order] == 0] if train_only else self.order
+        for start in range(0, len(order), BLOCK_ROWS):
+            chosen = order[start:start + BLOCK_ROWS]
+            block = cache.read_features(path, {"block": self.wanted[chosen]})["block"]
+            _check_finite(block, table["image_id"][self.wanted[chosen]], path)
+            yield chosen, block
+
+    def store(self, matrices: dict, chosen, columns: slice, block) -> None:
+        for index, split in enumerate(SPLITS):
+            mine = self.split_index[chosen] == index
+            matrices[split][self.destination[chosen[mine]], columns] = block[mine]
 
 
-def _standardize_in_place(matrix: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+class _Moments:
+    """Count, mean and sum of squared deviations per column, merged block by block in float64
+    (Chan, Golub and LeVeque): exact at any offset, where sum(x^2)/n - mean^2 cancels away the
+    variance of features far from zero."""
+
+    def __init__(self, dim: int):
+        self.count, self.mean, self.squares = 0, np.zeros(dim), np.zeros(dim)
+
+    def add(self, block: np.ndarray) -> None:
+        n = len(block)
+        if not n:
+            return
+        block_mean = block.sum(axis=0, dtype=np.float64) / n
+        centre = block_mean.astype(block.dtype)
+        # deviations from a float32 centre, so no float64 copy of the block; the centre's own
+        # rounding is taken back out exactly: sum((x-c)^2) = sum((x-m)^2) + n (m-c)^2
+        squares = np.square(block - centre).sum(axis=0, dtype=np.float64) - n * (block_mean - centre) ** 2
+        total = self.count + n
+        delta = block_mean - self.mean
+        self.mean += delta * n / total
+        self.squares += np.maximum(squares, 0.0) + delta ** 2 * self.count * n / total
+        self.count = total
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        std = np.sqrt(self.squares / max(self.count, 1))
+        # A constant feature (std 0) would divide by zero; leave it centred instead.
+        std = np.where(std > 1e-6, std, 1.0)
+        return self.mean.astype(np.float32), std.astype(np.float32)
+
+
+def _standardized(block: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(block - mean) / std in float32, in place; a value far outside the train range would
+    overflow float16 to inf, so it is held at float16's largest value."""
+    block -= mean
+    block /= std
+    return np.clip(block, -FLOAT16_MAX, FLOAT16_MAX, out=block)
+
+
+def _standardize_in_place(matrix: np.ndarray, columns: slice, mean: np.ndarray, std: np.ndarray) -> None:
     for start in range(0, len(matrix), BLOCK_ROWS):
-        block = matrix[start:start + BLOCK_ROWS].astype(np.float32)
-        block -= mean
-        block /= std
-        # a value far outside the train range would overflow float16 to inf
-        matrix[start:start + BLOCK_ROWS] = np.clip(block, -FLOAT16_MAX, FLOAT16_MAX)
+        block = matrix[start:start + BLOCK_ROWS, columns].astype(np.float32)
+        matrix[start:start + BLOCK_ROWS, columns] = _standardized(block, mean, std)
 
 
 def _check_finite(block: np.ndarray, image_ids, cache_path) -> None:
@@ -244,11 +298,41 @@ def _check_finite(block: np.ndarray, image_ids, cache_path) -> None:
 
 def _check_val_scorable(val: Split, paths) -> None:
     """Early stopping needs a validation AUC: at least one class with both label values."""
-    positives = val.labels.sum(dim=0)
-    if not ((positives > 0) & (positives < len(val))).any():
+    if not scorable_classes(val.labels).any():
         raise HeadsError(f"{paths[0]}: no class has both positive and negative rows in the val split "
                          f"({len(val)} rows), so no head can be chosen on validation; extract more val rows "
                          f"or make the cache with a larger --val-fraction")
+
+
+def scorable_classes(labels: torch.Tensor) -> torch.Tensor:
+    """(C,) bool: the classes an AUC can be computed for, i.e. with both label values."""
+    positives = labels.sum(dim=0)
+    return (positives > 0) & (positives < len(labels))
+
+
+def classes_without_train_positive(data: HeadData) -> list[str]:
+    """Classes the head cannot learn: not one train row has them."""
+    return [name for name, n in zip(data.classes, data.train.labels.sum(dim=0).tolist()) if n == 0]
+
+
+def scoring_warnings(data: HeadData) -> list[str]:
+    """One line per way the choices made on validation may mislead, to say before training:
+    validation scores fewer classes than test (early stopping, the grid and the search rank a
+    mean over those alone), or a class has no train positive (the head cannot learn it; its
+    probabilities mean nothing). Counts only: no test value is ranked or chosen here."""
+    lines = []
+    val, test = scorable_classes(data.val.labels).tolist(), scorable_classes(data.test.labels).tolist()
+    if sum(val) < sum(test):
+        missing = [name for name, v, t in zip(data.classes, val, test) if t and not v]
+        lines.append(f"validation ({len(data.val)} rows) can score {sum(val)} of the {sum(test)} classes test "
+                     f"scores (not {', '.join(missing)}): every choice on validation rests on a mean over "
+                     f"{sum(val)} classes; extract more val rows or use a larger --val-fraction")
+    absent = classes_without_train_positive(data)
+    if absent:
+        lines.append(f"no train positive for {', '.join(absent)}: the head cannot learn "
+                     f"{'it' if len(absent) == 1 else 'them'}, and its probabilities for "
+                     f"{'it' if len(absent) == 1 else 'them'} mean nothing")
+    return lines
 
 
 def _describe_caches(paths, attrs_list, dims) -> tuple[list, dict]:

@@ -43,8 +43,10 @@ class Head:
 
     def fit_summary(self) -> dict:
         fit = self.fit_
-        return {"best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "train_seconds": round(fit.seconds, 3),
-                "history": fit.history}
+        # early stopping keeps the earliest of tied epochs (a later one must beat it strictly)
+        tied = sum(line["val_mean_auc"] == fit.best_val_auc for line in fit.history)
+        return {"best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "epochs_tied": tied,
+                "train_seconds": round(fit.seconds, 3), "history": fit.history}
 
     def tables(self) -> dict:
         """Extra CSV files for the run directory: name -> DataFrame."""
@@ -76,7 +78,10 @@ class HeadGrid(Head):
         if not finished:
             reasons = "; ".join(sorted({r.fail_reason for r in self.results_ if r.fail_reason}))
             raise HeadsError(f"every head of the grid failed: {reasons}")
+        # max() keeps the first of tied heads: a tie goes to the earlier grid entry
         self.best_index_ = max(finished, key=lambda i: self.results_[i].best_val_auc)
+        best = self.results_[self.best_index_].best_val_auc
+        self.tied_ = sum(self.results_[i].best_val_auc == best for i in finished)
         self.fit_ = self.results_[self.best_index_]
         self.model_ = self.fit_.model
         self.seconds_ = time.perf_counter() - start
@@ -87,7 +92,7 @@ class HeadGrid(Head):
 
     def fit_summary(self) -> dict:
         return {**super().fit_summary(), "grid": {"heads": len(self.settings_list), "chosen": self.best_index_,
-                                                  "pass_seconds": round(self.seconds_, 3)}}
+                                                  "tied": self.tied_, "pass_seconds": round(self.seconds_, 3)}}
 
     def tables(self) -> dict:
         varied = [name for name in self.settings_list[0]

@@ -87,29 +87,46 @@ def confidence_intervals(resampled: np.ndarray, *, level: float = 0.95) -> dict:
     return {"per_class": per_class.tolist(), "mean": macro.tolist(), "level": level}
 
 
-def plot_roc_curves(path, *, labels, scores, classes, aucs, title: str) -> None:
+def plot_roc_curves(path, *, labels, scores, classes, aucs, ci, title: str, marks=()) -> None:
+    """One panel per class test can score: its ROC curve, AUC with its 95% CI (`ci`, per class
+    [low, high]) and number of positives, axis labels on every panel (a panel is often cropped
+    out alone). Classes test cannot score are listed under the title, not drawn empty; `marks`
+    (e.g. random encoder weights) are printed in red so the figure cannot pass for a result."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(4, 4, figsize=(13, 13), sharex=True, sharey=True)
-    for c, ax in enumerate(axes.flat):
-        if c >= len(classes):
-            ax.axis("off")
-            continue
+    drawn = [c for c in range(len(classes)) if aucs[c] is not None]
+    skipped = [classes[c] for c in range(len(classes)) if aucs[c] is None]
+    header = [(line, "black") for line in title.splitlines()]
+    header.append((f"{len(drawn)} of {len(classes)} classes scored on test (AUC, 95% CI over patients)", "black"))
+    if skipped:
+        header.append((f"not scorable on test (one label value only): {', '.join(skipped)}", "black"))
+    header += [(mark, "red") for mark in marks]
+    columns = min(4, max(len(drawn), 1))
+    rows = max(1, -(-len(drawn) // columns))
+    line_inches, panel_inches = 0.24, 3.3
+    fig = plt.figure(figsize=(max(panel_inches * columns, 7.5), panel_inches * rows + line_inches * (len(header) + 1)),
+                     layout="constrained")
+    top, body = fig.subfigures(2, 1, height_ratios=[line_inches * (len(header) + 1), panel_inches * rows])
+    for index, (line, color) in enumerate(header):
+        top.text(0.5, 1 - (index + 0.8) / (len(header) + 1), line, ha="center", va="center", color=color,
+                 fontsize=10, weight="bold" if color == "red" else "normal")
+    axes = body.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat[len(drawn):]:
+        ax.axis("off")
+    for c, ax in zip(drawn, axes.flat):
+        fpr, tpr = roc_points(labels[:, c], scores[:, c])
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-        if aucs[c] is not None:
-            fpr, tpr = roc_points(labels[:, c], scores[:, c])
-            ax.plot(fpr, tpr, lw=1.5)
-        ax.set_title(f"{classes[c]}  AUC {aucs[c]:.3f}" if aucs[c] is not None else f"{classes[c]}  (not scorable)",
-                     fontsize=10)
+        ax.plot(fpr, tpr, lw=1.5)
+        low, high = ci[c]
+        interval = f" [{low:.3f}, {high:.3f}]" if np.isfinite([low, high]).all() else ""
+        ax.set_title(f"{classes[c]} (n+ = {int(labels[:, c].sum())})\nAUC {aucs[c]:.3f}{interval}", fontsize=9)
+        ax.set_xlabel("false positive rate", fontsize=8)
+        ax.set_ylabel("true positive rate", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xlim(0, 1), ax.set_ylim(0, 1)
         ax.set_aspect("equal")
-    for ax in axes[-1]:
-        ax.set_xlabel("false positive rate")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("true positive rate")
-    fig.suptitle(title)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.05, top=0.93, wspace=0.15, hspace=0.25)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

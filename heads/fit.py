@@ -224,8 +224,13 @@ def head_checkpoint(model, *, data: HeadData, settings: dict) -> dict:
 def load_head(checkpoint_path, *, device="cpu"):
     """(model, checkpoint) from a run's head.pt."""
     checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    return head_from_checkpoint(checkpoint, device=device), checkpoint
+
+
+def head_from_checkpoint(checkpoint: dict, *, device="cpu"):
+    """The head (eval mode) that `head_checkpoint` saved."""
     s = checkpoint["settings"]
     model = build_head(in_dim=checkpoint["in_dim"], n_classes=len(checkpoint["classes"]), depth=s["depth"],
                        width=s["width"], dropout=s["dropout"]).to(device)
     model.load_state_dict(checkpoint["state_dict"])
-    return model.eval(), checkpoint
+    return model.eval()

@@ -140,9 +140,33 @@ def write_run(partial: Path, *, classes, config: dict, metrics: dict, val, val_s
     if checkpoint is not None:
         torch.save(checkpoint, partial / "head.pt")
     test_aucs = [metrics["test"]["auc"][c] for c in classes]
+    title, marks = figure_title(config, metrics, official_nih=official_nih)
     plot_roc_curves(partial / "roc_curves.png", labels=test.labels.cpu().numpy(), scores=test_scores,
-                    classes=classes, aucs=test_aucs,
-                    title=f"{config.get('model', 'head')}: test mean AUC {metrics['test']['mean_auc']:.3f}")
+                    classes=classes, aucs=test_aucs, ci=metrics["test"]["ci95"]["per_class"], title=title, marks=marks)
+
+
+def _layers(recipe: dict) -> str:
+    layers = (recipe.get("preprocessing") or {}).get("layers") if isinstance(recipe.get("preprocessing"), dict) else None
+    return f"[{','.join(layers)}]" if layers else ""
+
+
+def figure_title(config: dict, metrics: dict, *, official_nih: bool) -> tuple[str, list]:
+    """(title naming the run: encoders with their weights, caches, head and test mean; marks that
+    keep a figure of random weights, synthetic features or other data from passing for a result)."""
+    recipes = [config["cache_attrs"]] + [entry.get("attrs", {}) for entry in config.get("caches", [])[1:]]
+    encoders = " + ".join(f"{r.get('backbone', '?')}{_layers(r)} ({r.get('weights', '?')})" for r in recipes)
+    caches = ", ".join(Path(entry["path"]).name for entry in config.get("caches", [])) or Path(config["cache"]).name
+    test = metrics["test"]
+    title = (f"{encoders}, cache {caches}\n{config.get('model', 'head')}: test mean AUC {test['mean_auc']:.3f} "
+             f"[{test['ci95']['mean'][0]:.3f}, {test['ci95']['mean'][1]:.3f}]")
+    marks = []
+    if any(str(r.get("weights", "")).startswith("random(") for r in recipes):
+        marks.append("RANDOM ENCODER WEIGHTS: a pipeline test, not a result")
+    if any(r.get("backbone") == "synthetic-gaussian" for r in recipes):
+        marks.append("SYNTHETIC FEATURES")
+    if not official_nih:
+        marks.append("not the official NIH test split")
+    return title, marks
 
 
 def _write_json(path, content) -> None:
@@ -189,7 +213,7 @@ def per_class_table(classes, metrics, *, official_nih: bool = False) -> pd.DataF
             "chexnet2017_densenet121": literature["chexnet2017_densenet121"].get(name, np.nan),
         })
     scored = [name for name in classes if metrics["test"]["auc"][name] is not None]
-    rows.append({"class": f"mean ({len(scored)} classes)", "test_auc": metrics["test"]["mean_auc"],
+    rows.append({"class": mean_label(classes, metrics), "test_auc": metrics["test"]["mean_auc"],
                  "ci95_low": metrics["test"]["ci95"]["mean"][0], "ci95_high": metrics["test"]["ci95"]["mean"][1],
                  "val_auc": metrics["val"]["mean_auc"],
                  "wang2017_resnet50": literature["wang2017_resnet50"].reindex(scored).mean(),
@@ -199,16 +223,25 @@ def per_class_table(classes, metrics, *, official_nih: bool = False) -> pd.DataF
     return table
 
 
+def mean_label(classes, metrics) -> str:
+    """`mean (N classes)` when test and validation average the same classes, else how many each
+    averages: with a tiny val split the val mean can rest on far fewer classes than test's."""
+    scored = {split: [c for c in classes if metrics[split]["auc"].get(c) is not None] for split in ("test", "val")}
+    if scored["test"] == scored["val"]:
+        return f"mean ({len(scored['test'])} classes)"
+    return f"mean (test {len(scored['test'])}, val {len(scored['val'])})"
+
+
 def format_table(table: pd.DataFrame) -> str:
     """The table as printed: published columns only where the data is the real NIH test split."""
     def number(value):
         return "   -  " if value is None or pd.isna(value) else f"{value:.3f}"
 
     official = bool(table["wang2017_resnet50"].notna().any())
-    header = f"{'class':<20} {'test AUC':>8}  {'95% CI':<15} {'val AUC':>7}"
+    header = f"{'class':<22} {'test AUC':>8}  {'95% CI':<15} {'val AUC':>7}"
     lines = [header + (f"   {'Wang17*':>7} {'CheXNet*':>8}" if official else "")]
     for row in table.itertuples():
-        line = f"{row[1]:<20} {number(row.test_auc):>8}  [{number(row.ci95_low)}, {number(row.ci95_high)}]  {number(row.val_auc):>7}"
+        line = f"{row[1]:<22} {number(row.test_auc):>8}  [{number(row.ci95_low)}, {number(row.ci95_high)}]  {number(row.val_auc):>7}"
         if official:
             line += f"   {number(row.wang2017_resnet50):>7} {number(row.chexnet2017_densenet121):>8}"
         lines.append(line)

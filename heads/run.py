@@ -5,11 +5,12 @@ the benchmarks all go through `fit_and_report`; `train_and_report` is the one-he
 The data walks one way: fit (train, val) -> score (val, test once) -> metrics -> write."""
 from __future__ import annotations
 
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
 from cache.runtime import versions
-from heads.data import HeadData, load_head_data
+from heads.data import HeadData, classes_without_train_positive, load_head_data, scoring_warnings
 from heads.estimator import Head
 from heads.fit import predict_proba
 from heads.model import WEIGHTING_FORMULA
@@ -32,6 +33,9 @@ def fit_and_report(estimator, *, cache_path, out, device, overwrite=False, n_boo
     directory under `<out>.partial` and move it into place; returns (run dir, metrics)."""
     data = data or load_head_data(cache_path, device=device)
     partial = prepare_out_dir(out, overwrite=overwrite)
+    if not quiet:
+        for line in scoring_warnings(data):
+            print(f"warning: {line}", file=sys.stderr)
     try:
         estimator.fit(data.train, data.val)
         val_scores = _predict(estimator, data.val.features)
@@ -69,17 +73,33 @@ def run_config(*, cache_path, data, settings, device, class_weights_used: dict, 
     return {
         "model": "head", "settings": settings, "cache": str(Path(_first(cache_path)).resolve()),
         "cache_fingerprint": data.attrs["fingerprint"],
-        "caches": [{key: entry[key] for key in ("name", "path", "fingerprint", "columns")} for entry in data.caches],
-        "cache_attrs": {k: v for k, v in data.attrs.items() if k not in ("versions", "created")},
+        # every cache's recipe, so that heads.predict rebuilds each encoder of a joined run: the
+        # first cache's is cache_attrs, each further cache's is its entry's attrs
+        "caches": [{**{key: entry[key] for key in ("name", "path", "fingerprint", "columns")},
+                    **({"attrs": _recipe(entry["attrs"])} if index else {})}
+                   for index, entry in enumerate(data.caches)],
+        "cache_attrs": _recipe(data.attrs),
         "official_nih_test_split": data.official_nih,
+        "classes_without_train_positive": classes_without_train_positive(data),
         "device": str(device), "class_weights": {**class_weights_used, "formula": WEIGHTING_FORMULA},
         "standardization": ("features minus train mean, divided by train std (stored in head.pt), "
                             "held as float16"),
-        "selection": "epoch (and grid entry) with the best validation mean AUC; test is scored once, after training",
+        "selection": ("epoch (and grid entry) with the best validation mean AUC, over the classes validation can "
+                      "score; a tie goes to the earliest epoch and the first grid entry; test is scored once, "
+                      "after training"),
         "bootstrap": {"resamples": n_bootstrap, "unit": "patient", "seed": settings["seed"]},
         "versions": versions(**{"scikit-learn": version("scikit-learn")}),
         **(extra or {}),
     }
+
+
+def _scored(classes, split_metrics: dict) -> int:
+    return len(classes) - len(split_metrics["not_scorable"])
+
+
+def _recipe(attrs: dict) -> dict:
+    """A cache's attributes without the ones that say when and with what it was written."""
+    return {k: v for k, v in attrs.items() if k not in ("versions", "created")}
 
 
 def _first(cache_paths):
@@ -96,13 +116,17 @@ def print_summary(run_dir, *, data: HeadData, metrics: dict, model: str = "head"
     print(f"\nrows: {rows}" + (f" (not done, excluded: {skipped})" if skipped else ""))
     if metrics["test"]["not_scorable"]:
         print(f"not scorable on test (one label value only), left out of the mean: {metrics['test']['not_scorable']}")
+    val_mean = f"validation mean AUC {metrics['val']['mean_auc']:.4f} over {_scored(data.classes, metrics['val'])} classes"
     if "grid" in metrics:
-        print(f"grid: {metrics['grid']['heads']} heads trained in {metrics['grid']['pass_seconds']:.1f}s; "
-              f"the best on validation is scored (all of them: grid.csv)")
+        grid = metrics["grid"]
+        tied = (f"; {grid['tied']} heads tie at the best validation mean AUC, the first in grid order is scored"
+                if grid.get("tied", 1) > 1 else "; the best on validation is scored")
+        print(f"grid: {grid['heads']} heads trained in {grid['pass_seconds']:.1f}s{tied} (all of them: grid.csv)")
     if "best_epoch" in metrics:
-        print(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']} (validation mean AUC "
-              f"{metrics['val']['mean_auc']:.4f}); trained in {metrics['train_seconds']:.1f}s")
+        tied = (f"; {metrics['epochs_tied']} epochs tie at it, the earliest is kept"
+                if metrics.get("epochs_tied", 1) > 1 else "")
+        print(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']} ({val_mean}{tied}); trained in "
+              f"{metrics['train_seconds']:.1f}s")
     else:
-        print(f"{model} trained in {metrics['train_seconds']:.1f}s; validation mean AUC "
-              f"{metrics['val']['mean_auc']:.4f}")
+        print(f"{model} trained in {metrics['train_seconds']:.1f}s; {val_mean}")
     print(f"run directory: {run_dir}")

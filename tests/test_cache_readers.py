@@ -1,5 +1,7 @@
 """Readers check a cache before they trust it: each way a cache can be broken after it was
 written is caught by `cache.check_readable` (one line naming the problem) and by `verify`."""
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -39,6 +41,16 @@ def _set_unknown_version(f, table):
     f.attrs["fingerprint"] = cache.compute_fingerprint(attrs)  # a consistent, newer cache
 
 
+def _set_classes(value):
+    """Replace the classes attribute and sign the result: a consistent cache with odd classes."""
+    def tamper(f, table):
+        f.attrs["classes"] = value
+        attrs = {key: f.attrs[key] for key in f.attrs}
+        attrs["preprocessing"] = json.loads(attrs["preprocessing"])  # as read_attrs decodes it
+        f.attrs["fingerprint"] = cache.compute_fingerprint(attrs)
+    return tamper
+
+
 TAMPERINGS = {
     "patient in two splits": (_leak_patients, "patients are in both train and test"),
     "unknown split name": (lambda f, t: f["split"].__setitem__(0, "validation"), "unknown split names ['validation']"),
@@ -53,6 +65,9 @@ TAMPERINGS = {
     "missing features": (lambda f, t: f.__delitem__("features"), "datasets missing: ['features']"),
     "missing labels": (lambda f, t: f.__delitem__("labels"), "datasets missing: ['labels']"),
     "missing attribute": (lambda f, t: f.attrs.__delitem__("backbone"), "attributes missing: ['backbone']"),
+    "classes as one string": (_set_classes("Atelectasis"), "attribute classes is 'Atelectasis', not a list"),
+    "classes as numbers": (_set_classes(np.arange(14)), "not a list of class names"),
+    "a class named twice": (_set_classes(["Edema"] * 14), "names a class twice: ['Edema']"),
 }
 
 
@@ -147,3 +162,15 @@ def test_extract_refuses_a_cache_path_holding_another_file_and_leaves_it(tmp_pat
                        check_rc=2)
     assert "not an HDF5 file" in result.stderr and "delete" not in result.stderr
     assert notes.read_text() == "the user's own file\n"
+
+
+@pytest.mark.parametrize("classes", ["Atelectasis", np.arange(14)])
+def test_classes_that_are_not_class_names_stop_info_and_training_in_one_line(sound_cache, tmp_path, classes):
+    path, table = sound_cache
+    with h5py.File(path, "r+") as f:
+        _set_classes(classes)(f, table)
+    for command in (("cache", "info", path), ("heads.train", "--cache", path, "--out", tmp_path / "run")):
+        result = run_cli(*command)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and "attribute classes" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -240,3 +240,58 @@ def test_predict_scores_images_like_the_cache(extracted_cache, synthetic_dir, tm
     (out / "config.json").write_text(json.dumps(config))
     result = call_main("heads.predict", "--run", out, images[0], "--out", csv)
     assert result.returncode == 2 and "pass that file with --weights" in result.stderr
+
+
+def _captured_figure(monkeypatch):
+    """Every matplotlib figure saved, kept for inspection (the PNG is still written)."""
+    from matplotlib.figure import Figure
+
+    saved, original = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), original(fig, *a, **k))[1])
+    return saved
+
+
+def _texts(figure):
+    return [(t.get_text(), t.get_color()) for sub in [figure, *figure.subfigs] for t in sub.texts]
+
+
+def test_roc_figure_names_the_run_scores_and_lists_what_it_cannot_draw(tmp_path, monkeypatch):
+    import h5py
+
+    path = tmp_path / "figure.h5"
+    table = write_synthetic_cache(path, rows={"train": 600, "val": 300, "test": 300}, dim=16, separation=1.0)
+    hernia = list(cache.CLASSES).index("Hernia")
+    with h5py.File(path, "r+") as f:  # no test positive for Hernia: test cannot score it
+        labels = f["labels"][()]
+        labels[table["split"] == "test", hernia] = 0
+        f["labels"][...] = labels
+    saved = _captured_figure(monkeypatch)
+    out = tmp_path / "run"
+    call_main("heads.train", "--cache", path, "--out", out, "--max-epochs", "2", "--bootstrap", "20", check_rc=0)
+    assert len(saved) == 1 and (out / "roc_curves.png").stat().st_size > 10_000
+    metrics = json.loads((out / "metrics.json").read_text())
+    texts = _texts(saved[0])
+    header = " ".join(text for text, _ in texts)
+    assert "synthetic-gaussian (separation=1.0)" in header and "cache figure.h5" in header
+    assert "13 of 14 classes scored on test" in header
+    assert "not scorable on test (one label value only): Hernia" in header
+    assert ("SYNTHETIC FEATURES", "red") in texts
+    panels = [ax for ax in saved[0].get_axes() if ax.get_visible() and ax.axison]
+    assert len(panels) == 13 and not any("Hernia" in ax.get_title() for ax in panels)
+    test_labels = labels[table["split"] == "test"]
+    for ax in panels:
+        assert ax.get_xlabel() == "false positive rate" and ax.get_ylabel() == "true positive rate"
+        name = ax.get_title().split(" (")[0]
+        index = list(metrics["test"]["auc"]).index(name)
+        low, high = metrics["test"]["ci95"]["per_class"][index]
+        assert f"n+ = {int(test_labels[:, index].sum())}" in ax.get_title()
+        assert f"AUC {metrics['test']['auc'][name]:.3f} [{low:.3f}, {high:.3f}]" in ax.get_title()
+
+
+def test_roc_figure_of_random_encoder_weights_is_marked(extracted_cache, tmp_path, monkeypatch):
+    saved = _captured_figure(monkeypatch)
+    call_main("heads.train", "--cache", extracted_cache, "--out", tmp_path / "run", "--max-epochs", "1",
+              "--bootstrap", "10", check_rc=0)
+    texts = _texts(saved[0])
+    assert ("RANDOM ENCODER WEIGHTS: a pipeline test, not a result", "red") in texts
+    assert any("resnet50 (random(seed=0)), cache features.h5" in text for text, _ in texts)

@@ -155,3 +155,43 @@ def test_overwrite_replaces_only_the_kits_own_folders(two_caches, tmp_path):
     call_main("heads.train", "--cache", two_caches[0], "--out", run, "--max-epochs", "1", "--bootstrap", "5",
               "--overwrite", check_rc=0)
     assert (run / "metrics.json").stat().st_mtime_ns != first and not (tmp_path / "kit.partial").exists()
+
+
+def _rescale_features(path, *, scale: float, offset: float) -> None:
+    """Every done row's features become x * scale + offset, stored in the cache's own dtype."""
+    with h5py.File(path, "r+") as f:
+        done = f["done"][()]
+        features = f["features"][()]
+        features[done] = features[done].astype(np.float64) * scale + offset
+        f["features"][...] = features
+
+
+def test_an_affine_rescale_of_a_float32_cache_changes_nothing(tmp_path):
+    original, rescaled = tmp_path / "original.h5", tmp_path / "rescaled.h5"
+    write_synthetic_cache(original, rows=ROWS, dim=16, separation=1.0, feature_dtype="float32")
+    rescaled.write_bytes(original.read_bytes())
+    _rescale_features(rescaled, scale=1000.0, offset=1e6)  # far beyond float16's +-65,504
+    a, b = load_head_data(original), load_head_data(rescaled)
+    assert b.train.features.dtype == torch.float16
+    assert np.allclose(b.feature_mean.numpy(), a.feature_mean.numpy() * 1000 + 1e6, rtol=1e-6)
+    assert np.allclose(b.feature_std.numpy(), a.feature_std.numpy() * 1000, rtol=1e-4)
+    for name in ("train", "val", "test"):
+        assert (a.splits[name].features.float() - b.splits[name].features.float()).abs().max() < 4e-3
+    aucs = []
+    for path in (original, rescaled):
+        out = tmp_path / f"run-{path.stem}"
+        call_main("heads.train", "--cache", path, "--out", out, "--max-epochs", "5", "--lr", "1e-2", "--batch-size", "64",
+                  "--bootstrap", "10", check_rc=0)
+        aucs.append(json.loads((out / "metrics.json").read_text())["val"]["mean_auc"])
+    assert aucs[0] > 0.6 and aucs[1] == pytest.approx(aucs[0], abs=0.005)
+
+
+def test_train_statistics_are_exact_far_from_zero(tmp_path):
+    """The variance of features with a large offset, where sum(x^2)/n - mean^2 cancels."""
+    path = tmp_path / "offset.h5"
+    write_synthetic_cache(path, rows=ROWS, dim=4, feature_dtype="float32")
+    _rescale_features(path, scale=1.0, offset=3e4)
+    data = load_head_data(path, dtype=np.float32)
+    raw = _raw(path, data.train.image_ids)
+    assert np.allclose(data.feature_std.numpy(), raw.std(axis=0), rtol=1e-4)
+    assert np.allclose(data.train.features.numpy(), (raw - raw.mean(axis=0)) / raw.std(axis=0), atol=1e-3)

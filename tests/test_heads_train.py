@@ -11,6 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from cache.schema import CLASSES
 from cache.synthetic import write_synthetic_cache
 from conftest import NIH_METADATA, call_main, run_cli
 from heads import settings as head_settings
@@ -166,3 +167,38 @@ def test_bootstrap_ci_matches_an_independent_resampling(small_cache, tmp_path):
     expected = np.percentile(aucs, [2.5, 97.5])
     # the kit weighs resamples in float32: equal to about 1e-7
     assert metrics["test"]["ci95"]["per_class"][0] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_tiny_validation_split_is_said_labelled_and_its_ties_explained(tmp_path):
+    import h5py
+
+    path = tmp_path / "tiny-val.h5"
+    table = write_synthetic_cache(path, rows={"train": 600, "val": 6, "test": 300}, dim=16, separation=1.0)
+    hernia = list(CLASSES).index("Hernia")
+    with h5py.File(path, "r+") as f:
+        labels = f["labels"][()]
+        labels[table["split"] == "train", hernia] = 0
+        f["labels"][...] = labels
+    val_labels = labels[table["split"] == "val"]
+    val_scored = int(((val_labels.sum(axis=0) > 0) & (val_labels.sum(axis=0) < len(val_labels))).sum())
+    assert val_scored < 14  # the fixture does what it should: validation cannot score every class
+    out = tmp_path / "run"
+    # depth 0 ignores dropout: two identical heads, a certain tie on validation
+    result = run_cli("heads.train", "--cache", path, "--out", out, "--dropout", "0,0.5", "--max-epochs", "6",
+                     "--bootstrap", "10", check_rc=0)
+    warnings = result.stderr.splitlines()
+    assert len([w for w in warnings if f"validation (6 rows) can score {val_scored} of the 14 classes" in w]) == 1
+    assert len([w for w in warnings if "no train positive for Hernia" in w]) == 1
+    assert f"mean (test 14, val {val_scored})" in result.stdout
+    table_csv = pd.read_csv(out / "per_class_auc.csv")
+    assert table_csv["class"].iloc[-1] == f"mean (test 14, val {val_scored})"
+    assert "2 heads tie at the best validation mean AUC, the first in grid order is scored" in result.stdout
+    assert pd.read_csv(out / "grid.csv")["chosen"].tolist() == [True, False]
+    history = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    best = max(line["val_mean_auc"] for line in history)
+    tied = [line["epoch"] for line in history if line["val_mean_auc"] == best]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_epoch"] == tied[0] and metrics["epochs_tied"] == len(tied)
+    assert (f"{len(tied)} epochs tie at it, the earliest is kept" in result.stdout) == (len(tied) > 1)
+    assert f"over {val_scored} classes" in result.stdout
+    assert json.loads((out / "config.json").read_text())["classes_without_train_positive"] == ["Hernia"]
