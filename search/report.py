@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from heads.report import is_kit_dir
+from cache.outdir import is_kit_dir
 from heads.run import print_summary as print_run_summary
 from search.storage import mask_url
 

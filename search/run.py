@@ -19,13 +19,13 @@ import optuna
 from tqdm import tqdm
 
 import cache
+from cache.flags import OneLineParser, Valid, number_type
+from cache.outdir import check_open_dir, open_dir
 from cache.runtime import DeviceUnavailable, resolve_device
 from heads import settings as head_settings
-from heads.cli import OneLineParser, add_io_args, cache_paths
-from heads.settings import Valid, number_type
+from heads.cli import add_io_args, cache_paths
 from heads.data import HeadsError, load_head_data
 from heads.run import train_and_report
-from search import outdir
 from search.liveness import Liveness
 from search.passes import SearchContext, run_passes
 from search.report import print_standing, print_summary, write_search_outputs
@@ -40,10 +40,6 @@ from search.study import FINISHED, best_text, best_trial, count, fail_interrupte
 # there (not yet measured on a GPU).
 DEFAULT_PER_PASS = {"cpu": 8, "cuda": 32}
 DEFAULT_STALE_AFTER_S = 60.0
-
-
-def _at_least(kind, low, *, low_open=False):
-    return number_type(kind, Valid(low, low_open=low_open))
 
 
 def _study_name(text):
@@ -62,7 +58,7 @@ def _storage_url(text):
 def get_args_parser(add_help=True):
     parser = OneLineParser("python -m search", add_help=add_help,
                            description="Search head settings with Optuna against validation mean AUC.")
-    parser.add_argument("--trials", type=_at_least(int, 1), default=100,
+    parser.add_argument("--trials", type=number_type(int, Valid(1)), default=100,
                         help="run until the study holds this many finished (complete or pruned) trials (>= 1)")
     add_io_args(parser, out_help="search folder (default: outputs/search/<study-name>)", overwrite=False,
                 multi_cache=True)
@@ -70,21 +66,21 @@ def get_args_parser(add_help=True):
     parser.add_argument("--storage", type=_storage_url, default=None,
                         help="default: sqlite:///<out>/study.db; postgresql://user:pw@host/db or mysql://... "
                              "for workers on several machines; journal:PATH for processes on one machine")
-    parser.add_argument("--trials-per-pass", type=_at_least(int, 1), default=None,
+    parser.add_argument("--trials-per-pass", type=number_type(int, Valid(1)), default=None,
                         help="K trials asked at once and trained together on one stream of minibatches; 1 trains "
                              f"one at a time (default: {DEFAULT_PER_PASS['cpu']} on CPU, "
                              f"{DEFAULT_PER_PASS['cuda']} on CUDA)")
-    parser.add_argument("--n-jobs", type=_at_least(int, 1), default=1,
+    parser.add_argument("--n-jobs", type=number_type(int, Valid(1)), default=1,
                         help="threads of this process that share the training of each pass (>= 1)")
-    parser.add_argument("--timeout", type=_at_least(float, 0, low_open=True), default=None,
+    parser.add_argument("--timeout", type=number_type(float, Valid(0, low_open=True)), default=None,
                         help="seconds after which no new pass starts (> 0; default: none)")
-    parser.add_argument("--stale-after", type=_at_least(float, 6), default=DEFAULT_STALE_AFTER_S,
+    parser.add_argument("--stale-after", type=number_type(float, Valid(6)), default=DEFAULT_STALE_AFTER_S,
                         help="seconds without a heartbeat (database storages), or unclaimed after it started "
                              "(any shared storage), after which a running trial counts as its dead worker's and "
                              "is failed, so the study still reaches N (>= 6)")
     parser.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"],
                         help="stop unpromising trials early from their per-epoch validation AUC")
-    parser.add_argument("--sampler-seed", type=_at_least(int, 0), default=0,
+    parser.add_argument("--sampler-seed", type=number_type(int, Valid(0)), default=0,
                         help="seed of the TPE sampler (>= 0)")
     head_settings.add_setting_args(parser, searched=False)
     return parser
@@ -108,10 +104,10 @@ def main(args) -> int:
 def run_search(args) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and summary say it all
     out = Path(args.out or f"outputs/search/{args.study_name}")
-    outdir.check_search_dir(out)
+    check_open_dir(out, kind="search")
     url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if not is_shared(url):  # the embedded study lives in the folder; a shared one is opened first,
-        outdir.prepare_search_dir(out)  # so that an unreachable database leaves no empty folder
+        open_dir(out, kind="search")  # so that an unreachable database leaves no empty folder
     device = resolve_device(args.device)
     paths = cache_paths(args)
     data = load_head_data(paths, device=device)  # each cache read once; trials select their blocks
@@ -127,7 +123,7 @@ def run_search(args) -> int:
                            identity=study_identity(data=data, fingerprints=data.fingerprints, fixed=fixed,
                                                    space=space))
         if is_shared(url):
-            outdir.prepare_search_dir(out)
+            open_dir(out, kind="search")
         else:
             fail_interrupted_trials(study)
         start = time.perf_counter()
