@@ -12,6 +12,7 @@ import cache
 from cache.synthetic import write_synthetic_cache
 from conftest import call_main, run_cli
 from heads.comparison import DIFFERENCE_COLUMNS, describe_features
+from heads.evaluate import bootstrap_auc
 from heads.paired import bootstrap_p_value, delong_test, holm, paired_bootstrap_auc, paired_differences
 
 DELONG_CASES = Path(__file__).parent / "data" / "delong"
@@ -362,3 +363,15 @@ def test_a_damaged_run_record_is_one_line_naming_the_file(runs, tmp_path, damage
     result = compare(runs / "strong", tmp_path / "damaged", "--out", tmp_path / "out", check_rc=2)
     assert result.stderr.count("\n") == 1 and str(tmp_path / "damaged" / file) in result.stderr
     assert says in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_paired_bootstrap_draws_the_patients_of_a_runs_own_ci():
+    """heads.train's test CI and heads.compare's paired resamples share one definition of a
+    resample: from the same seed, the same patients, so the same AUCs to the last bit."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random((300, 3)) < 0.3).astype(np.uint8)
+    scores, other = rng.random((300, 3)), rng.random((300, 3))
+    patient_ids = rng.integers(0, 90, 300)
+    alone = bootstrap_auc(labels, scores, patient_ids, n_resamples=250, seed=3, chunk=100)
+    paired = paired_bootstrap_auc(labels, [scores, other], patient_ids, n_resamples=250, seed=3, chunk=100)
+    assert np.array_equal(alone, paired[:, 0], equal_nan=True)
