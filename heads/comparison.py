@@ -93,7 +93,8 @@ def _check_config(config, path: Path) -> dict:
             (f"caches[{i}].attrs.", entry.get("attrs", {})) for i, entry in enumerate(config.get("caches", []))]:
         _expect(attrs, path, where=where, backbone=str, encoder=str, weights=str, image_size=int, feature_dim=int,
                 fingerprint=str, preprocessing=(dict, str), layers=(list, str))
-        _preprocessing(attrs, path=path, where=where)
+        if _preprocessing(attrs) is None:
+            raise CompareError(f"{path}: {where}preprocessing is not a JSON object; the file was edited or damaged")
     return config
 
 
@@ -104,6 +105,10 @@ def _check_metrics(metrics, path: Path) -> dict:
     _expect(metrics, path, val=dict, train_seconds=(int, float))
     _expect(metrics.get("val", {}), path, where="val.", mean_auc=(int, float, type(None)))
     return metrics
+
+
+_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+               type(None): "null"}
 
 
 def _expect(record: dict, source: Path, *, where: str = "", **types) -> None:
@@ -120,25 +125,20 @@ def _expect(record: dict, source: Path, *, where: str = "", **types) -> None:
                                "damaged, rewrite it or rerun the run")
 
 
-_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
-               type(None): "null"}
-
-
 def _type(value) -> str:
     return f"{_TYPE_NAMES.get(type(value), type(value).__name__)} ({json.dumps(value)[:40]})"
 
 
-def _preprocessing(attrs: dict, *, path: Path, where: str) -> dict:
-    """A cache's preprocessing record, an object or JSON text of one (as HDF5 attributes store it)."""
+def _preprocessing(attrs: dict) -> dict | None:
+    """A cache's preprocessing record ({} when absent), from an object or the JSON text of one
+    (as HDF5 attributes store it); None when it is neither."""
     recipe = attrs.get("preprocessing") or {}
     if isinstance(recipe, str):
         try:
             recipe = json.loads(recipe)
         except ValueError:
-            recipe = None
-    if not isinstance(recipe, dict):
-        raise CompareError(f"{path}: {where}preprocessing is not a JSON object; the file was edited or damaged")
-    return recipe
+            return None
+    return recipe if isinstance(recipe, dict) else None
 
 
 def read_predictions(path: Path) -> tuple[pd.DataFrame, list]:
@@ -180,8 +180,9 @@ def _check_values(frame, *, path, columns, allowed) -> None:
     bad = ~np.isfinite(values) if allowed is None else ~np.isin(values, allowed)
     if bad.any():
         row, column = np.argwhere(bad)[0]
+        expected = "a finite probability" if allowed is None else "0 or 1"
         raise CompareError(f"{path}: row {row + 2} ({frame['image_id'].iloc[row]}) has {columns[column]} = "
-                           f"{written.iat[row, column]}; expected {'a finite probability' if allowed is None else '0 or 1'}")
+                           f"{written.iat[row, column]}; expected {expected}")
 
 
 def _labels_scores(frame: pd.DataFrame, classes) -> tuple[np.ndarray, np.ndarray]:
@@ -361,7 +362,7 @@ def describe_cache(entry: dict, config: dict) -> dict:
     if attrs is None and fingerprint == config.get("cache_fingerprint"):
         attrs = config.get("cache_attrs")
     attrs = attrs or {}
-    layers = attrs.get("layers") or _preprocessing(attrs, path=Path(), where="").get("layers") or ""
+    layers = attrs.get("layers") or (_preprocessing(attrs) or {}).get("layers") or ""
     return {"encoder": attrs.get("encoder") or attrs.get("backbone") or Path(entry.get("name", "")).stem,
             "weights": attrs.get("weights", ""), "image_size": attrs.get("image_size", ""),
             "layers": ",".join(map(str, layers)) if isinstance(layers, list) else layers,

@@ -34,7 +34,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--weights", default=None,
                         help="the encoder weights file or folder, when the cache was made from local weights")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batch-size", type=number_type(int, Valid(1)), default=32, help="images per model batch, >= 1")
+    parser.add_argument("--batch-size", type=number_type(int, Valid(1)), default=32,
+                        help="images per model batch, >= 1")
     return parser
 
 

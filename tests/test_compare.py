@@ -285,8 +285,8 @@ def test_bad_flags_are_one_line_at_parse_time(capsys, flag, value, expected):
 
 
 def test_runs_are_labelled_and_a_joined_run_lists_every_encoder_and_fingerprint(runs, tmp_path):
-    call_main("heads.baseline", "--cache", runs / "strong.h5", "--cache", runs / "weak.h5", "--out", tmp_path / "joined",
-              "--bootstrap", 20, check_rc=0)
+    call_main("heads.baseline", "--cache", runs / "strong.h5", "--cache", runs / "weak.h5",
+              "--out", tmp_path / "joined", "--bootstrap", 20, check_rc=0)
     for search in ("s1", "s2"):  # two searches' best runs share a folder name
         shutil.copytree(runs / "weak", tmp_path / search / "best_run")
     config_path = tmp_path / "s2" / "best_run" / "config.json"

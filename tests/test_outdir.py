@@ -98,26 +98,29 @@ def test_search_never_writes_into_a_run_folder(made, small_cache, tmp_path):
 
 @pytest.mark.parametrize("command", ["heads.train", "heads.baseline", "search", "heads.compare", "heads.predict"])
 def test_an_out_that_is_a_symbolic_link_is_refused_before_any_work(made, small_cache, tmp_path, command):
-    target = tmp_path / ("target.csv" if command == "heads.predict" else "target")
-    if command == "heads.predict":
-        target.write_text("image,prob_Atelectasis\n")
-    else:
+    """The link points to what the command could otherwise replace or write into (a run, a
+    search, an empty folder, an earlier predictions CSV): followed, it would be trained into and
+    then fail at the rename, or be deleted through the link."""
+    target = tmp_path / "target"
+    if command in ("heads.train", "heads.baseline", "search"):
+        shutil.copytree(made / ("search" if command == "search" else "run"), target)
+    elif command == "heads.compare":
         target.mkdir()
-        (target / "mine.txt").write_text("mine")
+    else:
+        target.write_text("image,prob_Atelectasis\n")
     link = tmp_path / "link"
     link.symlink_to(target)
-    before = _snapshot(tmp_path) if command != "heads.predict" else target.read_text()
+    before = _snapshot(tmp_path)
     arguments = {
         "heads.train": ["--cache", small_cache, *QUICK_TRAIN, "--overwrite"],
         "heads.baseline": ["--cache", small_cache, "--bootstrap", "5", "--overwrite"],
         "search": ["--cache", small_cache, *QUICK_SEARCH],
         "heads.compare": [made / "run", made / "search" / "best_run", "--bootstrap", "20", "--overwrite"],
-        "heads.predict": ["--run", made / "run", tmp_path / "missing.png", "--device", "cpu"],
+        "heads.predict": ["--run", made / "run", made / "missing.png", "--device", "cpu"],
     }[command]
     result = call_main(command, *arguments, "--out", link)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "symbolic link" in result.stderr
-    assert link.is_symlink() and not (tmp_path / "link.partial").exists()
-    assert (_snapshot(tmp_path) if command != "heads.predict" else target.read_text()) == before
+    assert link.is_symlink() and _snapshot(tmp_path) == before  # no link.partial, nothing written through it
 
 
 def test_a_folder_marked_before_kinds_were_recorded_is_told_by_its_files(made, small_cache, tmp_path):
