@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from heads.comparison import Comparison
+from heads.settings import BY_NAME
 
 
 def write_comparison(folder: Path, comparison: Comparison, *, versions: dict) -> None:
@@ -49,15 +50,22 @@ def _missing(value) -> bool:
 def head_descriptions(comparison: Comparison) -> dict:
     """Per run label: its model and the settings that differ between the runs of that model (the
     ones they share tell the reader nothing about why they differ; comparison.csv has all),
-    numbers to three significant digits."""
+    numbers to three significant digits, without the hidden-layer settings of a linear head."""
     described = {}
     for run in comparison.runs:
         model = run.config.get("model", "?")
         peers = [other.config.get("settings", {}) for other in comparison.runs if other.config.get("model", "?") == model]
         settings = run.config.get("settings", {})
-        differing = [k for k in sorted(settings) if len({json.dumps(p.get(k)) for p in peers}) > 1]
+        differing = [k for k in sorted(settings) if len({json.dumps(p.get(k)) for p in peers}) > 1
+                     and not _meaningless(k, settings)]
         described[run.label] = " ".join([model] + [f"{k}={_setting(settings[k])}" for k in differing])
     return described
+
+
+def _meaningless(name: str, settings: dict) -> bool:
+    """A hidden-layer setting (width, dropout) of a linear head (depth 0): it changed nothing."""
+    setting = BY_NAME.get(name)
+    return settings.get("depth") == 0 and setting is not None and setting.hidden_only
 
 
 def _setting(value) -> str:

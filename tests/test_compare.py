@@ -289,10 +289,12 @@ def test_runs_are_labelled_and_a_joined_run_lists_every_encoder_and_fingerprint(
               "--out", tmp_path / "joined", "--bootstrap", 20, check_rc=0)
     for search in ("s1", "s2"):  # two searches' best runs share a folder name
         shutil.copytree(runs / "weak", tmp_path / search / "best_run")
-    config_path = tmp_path / "s2" / "best_run" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["settings"]["C"] = 0.31622776601683794  # as a search suggests it
-    config_path.write_text(json.dumps(config))
+    for search, settings in (("s1", {"depth": 0, "width": 128}),
+                             ("s2", {"depth": 0, "width": 256, "C": 0.31622776601683794})):  # as a search suggests
+        config_path = tmp_path / search / "best_run" / "config.json"
+        config = json.loads(config_path.read_text())
+        config["settings"].update(settings)
+        config_path.write_text(json.dumps(config))
     compare("--label", f"both={tmp_path / 'joined'}", runs / "strong", tmp_path / "s1" / "best_run",
             tmp_path / "s2" / "best_run", "--out", tmp_path / "out", check_rc=0)
     board = pd.read_csv(tmp_path / "out" / "comparison.csv").set_index("run")
@@ -305,6 +307,7 @@ def test_runs_are_labelled_and_a_joined_run_lists_every_encoder_and_fingerprint(
     markdown = (tmp_path / "out" / "comparison.md").read_text()
     assert all(f[:12] in markdown for f in fingerprints) and " + |" not in markdown and "| `both` |" in markdown
     assert "C=0.316 " in markdown and "0.3162277" not in markdown  # rounded where it is read, whole in the CSV
+    assert "width=" not in markdown  # a linear head's width changed nothing
     assert "0.31622776601683794" in board.loc["s2/best_run", "settings"]
     result = compare("--label", f"x={runs / 'strong'}", "--label", f"x={runs / 'weak'}", "--out", tmp_path / "twice",
                      check_rc=2)
