@@ -94,16 +94,13 @@ def check_out_dir(out, *, kind: str, overwrite: bool) -> None:
     """Refuse, before any work, an --out that cannot become a folder of `kind` built aside and
     renamed: see the module's rules. Raises OutDirError."""
     out = Path(out)
-    _refuse_file_or_link(out)
-    if out.is_dir() and any(out.iterdir()):
-        found = folder_kind(out)
-        _refuse_foreign(out, found)
-        if found != kind:
-            raise OutDirError(f"--out {out} is {_what(found)}; --overwrite replaces only a {kind} folder: "
-                              f"pick another --out")
-        if not overwrite:
-            raise OutDirError(f"--out {out} already holds a {kind} (written by {KINDS[kind]}); pick another "
-                              f"--out or pass --overwrite")
+    found = _existing_kind(out)
+    if found is not None and found != kind:
+        raise OutDirError(f"--out {out} is {_what(found)}; --overwrite replaces only a {kind} folder: "
+                          f"pick another --out")
+    if found is not None and not overwrite:
+        raise OutDirError(f"--out {out} already holds a {kind} (written by {KINDS[kind]}); pick another "
+                          f"--out or pass --overwrite")
     partial = partial_path(out)
     if partial.is_symlink() or (partial.exists() and folder_kind(partial) != kind):
         found = "a symbolic link" if partial.is_symlink() else _what(folder_kind(partial))
@@ -146,13 +143,10 @@ def check_open_dir(out, *, kind: str) -> None:
     """Refuse, before any work, an --out that a command writing in place (a search, resumed by
     rerunning it) may not use: anything but a new or empty folder or a kit folder of `kind`."""
     out = Path(out)
-    _refuse_file_or_link(out)
-    if out.is_dir() and any(out.iterdir()):
-        found = folder_kind(out)
-        _refuse_foreign(out, found)
-        if found != kind:
-            raise OutDirError(f"--out {out} is {_what(found)}; only a {kind} folder is written into (and "
-                              f"resumed) here: pick another --out")
+    found = _existing_kind(out)
+    if found is not None and found != kind:
+        raise OutDirError(f"--out {out} is {_what(found)}; only a {kind} folder is written into (and "
+                          f"resumed) here: pick another --out")
 
 
 def open_dir(out, *, kind: str) -> Path:
@@ -172,15 +166,18 @@ def refuse_link(out, *, flag: str = "--out") -> None:
                           f"through links: give the path itself, or another {flag}")
 
 
-def _refuse_file_or_link(out: Path) -> None:
+def _existing_kind(out: Path) -> str | None:
+    """The kind of kit folder --out already is, None when it is new or an empty folder; refuses
+    a link, a file, and a folder that is not the kit's or whose kind is unknown."""
     refuse_link(out)
     if out.exists() and not out.is_dir():
         raise OutDirError(f"--out {out} is a file, not a folder; pick another --out")
-
-
-def _refuse_foreign(out: Path, found: str | None) -> None:
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    found = folder_kind(out)
     if found is None or found == UNKNOWN:
         raise OutDirError(f"--out {out} is {_what(found)}; it is left alone: pick another --out")
+    return found
 
 
 def _what(kind: str | None) -> str:
