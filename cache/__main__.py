@@ -1,14 +1,13 @@
-import argparse
 import sys
 from pathlib import Path
 
 from cache import DEFAULT_CACHE, CacheError
+from cache.flags import OneLineParser
 from cache.check import describe, find_problems
 
 
 def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser("python -m cache", add_help=add_help,
-                                     description="Inspect or verify a feature cache.")
+    parser = OneLineParser("python -m cache", add_help=add_help, description="Inspect or verify a feature cache.")
     parser.add_argument("command", choices=["info", "verify"],
                         help="info: schema, provenance and counts; verify: integrity checks")
     parser.add_argument("path", nargs="?", default=DEFAULT_CACHE, help="the HDF5 cache")

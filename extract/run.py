@@ -8,10 +8,8 @@ command line and the orchestration.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
-import math
 import os
 import sys
 import time
@@ -25,36 +23,11 @@ import torchvision
 from tqdm import tqdm
 
 import cache
+from cache.flags import OneLineParser, Valid, number_type
 from cache.runtime import DeviceUnavailable, resolve_device, versions
 from cache.schema import SPLITS
 from cache.store import safe_text
 from extract import encoders, nih, pipeline
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """A bad flag is one line naming it and its allowed range, exit 2, before any work."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def bounded(kind, *, low=None, high=None, low_open=False, high_open=False):
-    """An argparse type: `kind` within [low, high] (or open ends), finite."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if (kind is float and not math.isfinite(value)) or too_low or too_high:
-            left = "(" if low_open else "["
-            right = ")" if high_open else "]"
-            raise argparse.ArgumentTypeError(f"{text} is outside {left}{low if low is not None else '-inf'}, "
-                                             f"{high if high is not None else 'inf'}{right}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def get_args_parser(add_help=True):
@@ -76,7 +49,7 @@ def get_args_parser(add_help=True):
                              "ResNets) or last:K for hf: ViTs (CLS of the last K blocks); default: the pooled output")
     parser.add_argument("--pooling", default="cls", choices=encoders.POOLINGS,
                         help="token pooling of transformer outputs: the CLS token, the patch-token mean, or both")
-    parser.add_argument("--image-size", type=bounded(int, low=32, high=4096), default=None,
+    parser.add_argument("--image-size", type=number_type(int, Valid(32, 4096)), default=None,
                         help="side of the resized square input, 32..4096 (default: the encoder's own, 224 for resnet50)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", *pipeline.PRECISIONS],
@@ -84,13 +57,13 @@ def get_args_parser(add_help=True):
                              "(AVX512-BF16/AMX), fp32 elsewhere")
     parser.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"],
                         help="how features are stored (float16 halves the file, ~1e-3 relative error)")
-    parser.add_argument("--batch-size", type=bounded(int, low=1, high=65536), default=None,
+    parser.add_argument("--batch-size", type=number_type(int, Valid(1, 65536)), default=None,
                         help="model batch, >= 1 (default: 256 on CUDA, 64 on CPU)")
-    parser.add_argument("--workers", type=bounded(int, low=0, high=256), default=None,
+    parser.add_argument("--workers", type=number_type(int, Valid(0, 256)), default=None,
                         help=f"decoding processes, 0 = decode in the main process (default: one per core, "
                              f"at most {pipeline.MAX_WORKERS}); fewer may run to keep decoded images in flight "
                              f"under {pipeline.SHARED_MEMORY_BUDGET >> 20} MB of shared memory")
-    parser.add_argument("--val-fraction", type=bounded(float, low=0, high=1, low_open=True, high_open=True),
+    parser.add_argument("--val-fraction", type=number_type(float, Valid(0, 1, low_open=True, high_open=True)),
                         default=0.1, help="fraction of train_val_list.txt patients held out for validation, 0<f<1")
     parser.add_argument("--val-list", default=None,
                         help="take val from this list of image ids (a published split of train_val_list.txt) "
@@ -99,9 +72,9 @@ def get_args_parser(add_help=True):
     parser.add_argument("--random-split", action="store_true",
                         help="without official split lists, fall back to a seeded patient-wise split")
     parser.add_argument("--labels-csv", default=None, help="label CSV, if not in --data-dir")
-    parser.add_argument("--part-rows", type=bounded(int, low=1), default=1024,
+    parser.add_argument("--part-rows", type=number_type(int, Valid(1)), default=1024,
                         help="rows per part file, >= 1: at most this much work is redone after a kill")
-    parser.add_argument("--merge-every", type=bounded(int, low=0), default=20000,
+    parser.add_argument("--merge-every", type=number_type(int, Valid(0)), default=20000,
                         help="merge part files into the cache every this many rows (0: only at the end)")
     return parser
 

@@ -8,12 +8,12 @@ import datetime
 import sys
 
 import cache
-from heads.cli import OneLineParser, add_io_args, cache_paths
+from cache.flags import OneLineParser, Valid, number_type
+from cache.outdir import check_out_dir
+from heads.cli import add_io_args, cache_paths
 from heads.data import HeadsError, load_head_data
 from heads.estimator import LogisticBaseline
-from heads.report import check_out_dir
 from heads.run import fit_and_report
-from heads.settings import Valid, number_type
 
 
 def get_args_parser(add_help=True):
@@ -32,7 +32,7 @@ def get_args_parser(add_help=True):
 def main(args) -> int:
     out = args.out or f"outputs/runs/sklearn-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     try:
-        check_out_dir(out, overwrite=args.overwrite)
+        check_out_dir(out, kind="run", overwrite=args.overwrite)
         paths = cache_paths(args)
         data = load_head_data(paths, device="cpu")
         fit_and_report(LogisticBaseline(C=args.C, max_iter=args.max_iter, seed=args.seed), cache_path=paths,

@@ -1,19 +1,10 @@
 """Command-line pieces shared by the heads and search entry points (so no CLI imports another)."""
 from __future__ import annotations
 
-import argparse
-
 import cache
-from heads.settings import Valid, number_type
+from cache.flags import Valid, number_type
 
 BOOTSTRAP_VALID = Valid(1, 100_000)  # patient resamples; 1,000 gives CI ends to about +-0.005
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (`prog: error: ...`, exit 2) without the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
 def add_io_args(parser, *, out_help: str, overwrite: bool = True, multi_cache: bool = False,

@@ -4,96 +4,103 @@ a leaderboard with patient-bootstrap CIs, and per class and for the mean, each r
 reference with a paired-bootstrap CI, DeLong's test and Holm-adjusted p-values.
 
     python -m heads.compare outputs/runs/resnet50 outputs/runs/densenet121 [--reference DIR]
+    python -m heads.compare --label resnet=outputs/runs/resnet50 --label dino=outputs/runs/dino
 
-The reference defaults to the run with the best VALIDATION mean AUC. Outputs: see
-heads/comparison.py.
+The reference defaults to the run with the best VALIDATION mean AUC. Each run is shown by a
+short label: --label NAME=RUN_DIR, else its folder name. Outputs: see heads/comparison.py.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import shutil
 import sys
 from pathlib import Path
 
 import pandas
 import scipy
 
+from cache.flags import OneLineParser, Valid, number_type
+from cache.outdir import OutDirError, check_out_dir, discard_partial, finish_out_dir, prepare_out_dir
 from cache.runtime import versions
-from heads.comparison import CompareError, check_same_test_rows, choose_reference, compare_runs, load_run
+from heads.cli import BOOTSTRAP_VALID
+from heads.comparison import CompareError, check_same_test_rows, choose_reference, compare_runs, label_runs, load_run
 from heads.comparison_report import format_terminal, write_comparison
 
 
 def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser("python -m heads.compare", add_help=add_help,
-                                     description="Paired comparison of run directories on the same test patients.")
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by the kit")
+    parser = OneLineParser("python -m heads.compare", add_help=add_help,
+                           description="Paired comparison of run directories on the same test patients.")
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories written by the kit")
+    parser.add_argument("--label", action="append", default=[], type=_label, metavar="NAME=RUN_DIR",
+                        help="a run and its short name in the tables (repeatable; the run need not be listed "
+                             "again; default name: the run's folder name)")
     parser.add_argument("--reference", default=None, metavar="RUN_DIR",
                         help="the run the others are compared with (default: best validation mean AUC)")
     parser.add_argument("--out", default=None, help="output folder (default: outputs/compare/<time>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
-    parser.add_argument("--bootstrap", type=_at_least(1), default=1000, help="patient resamples (default: 1000)")
-    parser.add_argument("--seed", type=_at_least(0), default=0, help="seed of the resamples (default: 0)")
+    parser.add_argument("--bootstrap", type=number_type(int, BOOTSTRAP_VALID), default=1000,
+                        help=f"patient resamples (default: 1000; allowed {BOOTSTRAP_VALID.describe()})")
+    parser.add_argument("--seed", type=number_type(int, Valid(0, 2 ** 63 - 1)), default=0,
+                        help="seed of the resamples (default: 0)")
     return parser
 
 
-def _at_least(low: int):
-    """An argparse type: an integer >= low, so a bad value stops at parse time (exit 2)."""
-    def parse(text: str) -> int:
-        if not text.lstrip("-").isdigit() or int(text) < low:
-            raise argparse.ArgumentTypeError(f"{text!r}: give an integer >= {low}")
-        return int(text)
-    return parse
+def _label(text: str) -> tuple[str, str]:
+    """--label NAME=RUN_DIR as (name, run dir); a name must fit in a table cell."""
+    name, equals, run_dir = text.partition("=")
+    name = name.strip()
+    if not equals or not name or not run_dir:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=RUN_DIR")
+    if any(c in name for c in "|`") or not name.isprintable():
+        raise argparse.ArgumentTypeError(f"{name!r}: a label may not hold | or ` or control characters")
+    return name, run_dir
 
 
 def main(args) -> int:
     out = Path(args.out or f"outputs/compare/{datetime.datetime.now():%Y%m%d-%H%M%S}")
     try:
-        names = _unique_runs(args.runs + ([args.reference] if args.reference else []))
+        names = _unique_runs(args.runs + [run_dir for _, run_dir in args.label]
+                             + ([args.reference] if args.reference else []))
         if len(names) < 2:
             raise CompareError("give at least two different run directories to compare")
-        _check_out(out, overwrite=args.overwrite)
-        runs = [load_run(name) for name in names]
-        check_same_test_rows(runs)
-        reference, reason = choose_reference(runs, args.reference)
-    except CompareError as err:
+        check_out_dir(out, kind="comparison", overwrite=args.overwrite)  # before reading any run
+        runs, reference, reason = _read_runs(names, args)
+        partial = prepare_out_dir(out, kind="comparison", overwrite=args.overwrite)
+    except (CompareError, OutDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # a comparison that died half-way
-    partial.mkdir(parents=True)
     try:
         comparison = compare_runs(runs, reference=reference, reference_reason=reason, n_resamples=args.bootstrap,
                                   seed=args.seed)
         write_comparison(partial, comparison, versions=versions(scipy=scipy.__version__, pandas=pandas.__version__))
+        finish_out_dir(partial, out, kind="comparison")
+    except OutDirError as err:  # --out changed while the comparison was made: the work is kept in partial
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        discard_partial(partial, kind="comparison")
         raise
-    shutil.rmtree(out, ignore_errors=True)  # only ever an earlier comparison (_prepare_out checked)
-    partial.rename(out)
     print(format_terminal(comparison))
     print(f"comparison: {out} (comparison.md, comparison.csv, paired_differences.csv, forest_plot.png)")
     return 0
 
 
+def _read_runs(names, args):
+    """Every run read and checked, labelled, and the reference chosen (on validation)."""
+    runs = label_runs([load_run(name) for name in names], labels=args.label)
+    check_same_test_rows(runs)
+    reference, reason = choose_reference(runs, args.reference)
+    return runs, reference, reason
+
+
 def _unique_runs(names) -> list[str]:
-    """The runs as given, each directory once (the reference may also be listed)."""
+    """The runs as given, each directory once (the reference or a labelled run may also be listed)."""
     seen, unique = set(), []
     for name in names:
         if Path(name).resolve() not in seen:
             seen.add(Path(name).resolve())
             unique.append(name)
     return unique
-
-
-def _check_out(out: Path, *, overwrite: bool) -> None:
-    """Refuse an --out that holds anything but an earlier comparison (replaced only with
-    --overwrite): a folder the kit did not write is never touched."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not (overwrite and (out / "comparison.json").is_file()):
-            raise CompareError(f"--out {out} already exists" + (
-                " and is not a comparison this tool wrote; pick another --out" if overwrite else
-                "; pick another --out, or pass --overwrite to replace an earlier comparison"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Compare run directories on the same test images: load and check them, score every run on the
 same patient resamples, and write the comparison (see `heads.compare`).
 
-    comparison.csv          the leaderboard: one row per run, mean and per-class test AUCs
-                            with patient-bootstrap 95% CIs, the cache and head settings of each
+    comparison.csv          the leaderboard: one row per run (its label and directory), mean and
+                            per-class test AUCs with patient-bootstrap 95% CIs, the features
+                            (each cache's encoder), every cache's fingerprint, the head settings
     paired_differences.csv  one row per (run, class or "mean") against the reference: paired
                             difference, its 95% CI and bootstrap p; DeLong p and Holm-adjusted p
     comparison.md           the same as tables a paper would print
@@ -34,15 +35,17 @@ class CompareError(Exception):
 class Run:
     name: str  # as given on the command line
     path: Path
-    config: dict
-    metrics: dict
+    config: dict  # config.json, its fields checked (_check_config)
+    metrics: dict  # metrics.json ({} when absent), its fields checked
     test: pd.DataFrame  # predictions_test.csv, sorted by image_id
     classes: list
     val_mean_auc: float | None
+    label: str = ""  # the run's short name in every table (label_runs)
 
 
 def load_run(name: str) -> Run:
-    """Read one run directory written by heads.train, search (best_run) or heads.baseline."""
+    """Read one run directory written by heads.train, search (best_run) or heads.baseline, and
+    check every field the comparison reads before it is trusted."""
     path = Path(name)
     if not path.is_dir():
         raise CompareError(f"{name}: no such directory; give run directories written by heads.train, "
@@ -51,18 +54,20 @@ def load_run(name: str) -> Run:
     if missing:
         raise CompareError(f"{name} is not a run directory of this kit (no {' or '.join(missing)}); give "
                            "directories written by heads.train, search (its best_run) or heads.baseline")
-    config = _read_json(path / "config.json", name)
-    if not isinstance(config, dict) or "settings" not in config or not ({"cache", "caches"} & config.keys()):
-        raise CompareError(f"{path / 'config.json'} is not a run config of this kit (no settings or cache); "
-                           "give directories written by heads.train, search or heads.baseline")
-    metrics = _read_json(path / "metrics.json", name) if (path / "metrics.json").is_file() else {}
+    config = _check_config(_read_json(path / "config.json", name), path / "config.json")
+    metrics = _check_metrics(_read_json(path / "metrics.json", name), path / "metrics.json") \
+        if (path / "metrics.json").is_file() else {}
     test, classes = read_predictions(path / "predictions_test.csv")
     val_path = path / "predictions_val.csv"
     if val_path.is_file():
-        val, _ = read_predictions(val_path)
+        val, val_classes = read_predictions(val_path)
+        if val_classes != classes:
+            raise CompareError(f"{val_path} scores other classes than predictions_test.csv beside it; is {name} a "
+                               "complete run directory?")
         val_mean = mean_auc(auc_per_class(*_labels_scores(val, classes)))
     else:
         val_mean = metrics.get("val", {}).get("mean_auc")
+    val_mean = None if val_mean is None or np.isnan(val_mean) else float(val_mean)
     return Run(name=name, path=path, config=config, metrics=metrics, test=test, classes=classes,
                val_mean_auc=val_mean)
 
@@ -74,11 +79,74 @@ def _read_json(path: Path, name: str):
         raise CompareError(f"{path}: not readable JSON ({err}); is {name} a complete run directory?") from None
 
 
+def _check_config(config, path: Path) -> dict:
+    """config.json, refused (one line) unless every field the comparison reads has its type."""
+    if not isinstance(config, dict) or "settings" not in config or not ({"cache", "caches"} & config.keys()):
+        raise CompareError(f"{path} is not a run config of this kit (no settings or cache); "
+                           "give directories written by heads.train, search or heads.baseline")
+    _expect(config, path, settings=dict, model=str, cache=str, cache_fingerprint=str, cache_attrs=dict, caches=list)
+    for i, entry in enumerate(config.get("caches", [])):
+        if not isinstance(entry, dict):
+            raise CompareError(f"{path}: caches[{i}] is {_type(entry)}; expected an object with name and fingerprint")
+        _expect(entry, path, where=f"caches[{i}].", name=str, path=str, fingerprint=str, attrs=dict)
+    for where, attrs in [("cache_attrs.", config.get("cache_attrs", {}))] + [
+            (f"caches[{i}].attrs.", entry.get("attrs", {})) for i, entry in enumerate(config.get("caches", []))]:
+        _expect(attrs, path, where=where, backbone=str, encoder=str, weights=str, image_size=int, feature_dim=int,
+                fingerprint=str, preprocessing=(dict, str), layers=(list, str))
+        if _preprocessing(attrs) is None:
+            raise CompareError(f"{path}: {where}preprocessing is not a JSON object; the file was edited or damaged")
+    return config
+
+
+def _check_metrics(metrics, path: Path) -> dict:
+    """metrics.json, refused unless what the comparison reads (val mean AUC, train time) has its type."""
+    if not isinstance(metrics, dict):
+        raise CompareError(f"{path} is {_type(metrics)}, not a run's metrics object; is it a complete run directory?")
+    _expect(metrics, path, val=dict, train_seconds=(int, float))
+    _expect(metrics.get("val", {}), path, where="val.", mean_auc=(int, float, type(None)))
+    return metrics
+
+
+_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+               type(None): "null"}
+
+
+def _expect(record: dict, source: Path, *, where: str = "", **types) -> None:
+    """Raise CompareError naming the first of `types` (field name -> type or types) that `record`
+    holds with another type; absent fields are allowed (older runs lack some)."""
+    for key, expected in types.items():
+        if key not in record:
+            continue
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        value = record[key]
+        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+            names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in expected)
+            raise CompareError(f"{source}: {where}{key} is {_type(value)}; expected {names}: the file was edited or "
+                               "damaged, rewrite it or rerun the run")
+
+
+def _type(value) -> str:
+    return f"{_TYPE_NAMES.get(type(value), type(value).__name__)} ({json.dumps(value)[:40]})"
+
+
+def _preprocessing(attrs: dict) -> dict | None:
+    """A cache's preprocessing record ({} when absent), from an object or the JSON text of one
+    (as HDF5 attributes store it); None when it is neither."""
+    recipe = attrs.get("preprocessing") or {}
+    if isinstance(recipe, str):
+        try:
+            recipe = json.loads(recipe)
+        except ValueError:
+            return None
+    return recipe if isinstance(recipe, dict) else None
+
+
 def read_predictions(path: Path) -> tuple[pd.DataFrame, list]:
     """A predictions CSV sorted by image_id, and its classes (from the prob_<class> columns);
-    refuses missing columns, repeated images, and probabilities or labels that cannot be scored."""
+    refuses missing columns, empty files, missing ids, repeated images, and probabilities or
+    labels that cannot be scored."""
     try:
-        frame = pd.read_csv(path, dtype={"image_id": str})
+        frame = pd.read_csv(path, dtype={"image_id": str, "patient_id": str})
     except (OSError, ValueError) as err:
         raise CompareError(f"{path}: not a readable CSV ({err})") from None
     classes = [c[len("prob_"):] for c in frame.columns if c.startswith("prob_")]
@@ -87,6 +155,13 @@ def read_predictions(path: Path) -> tuple[pd.DataFrame, list]:
     if not classes or missing:
         raise CompareError(f"{path}: not a predictions file of this kit (missing columns "
                            f"{missing or ['prob_<class>']}); expected image_id, patient_id, prob_<class>, label_<class>")
+    if frame.empty:
+        raise CompareError(f"{path}: no rows; a run scored on no images cannot be compared (was its cache's "
+                           f"split empty?)")
+    blank = frame[["image_id", "patient_id"]].isna().to_numpy()
+    if blank.any():
+        row, column = np.argwhere(blank)[0]
+        raise CompareError(f"{path}: row {row + 2} has no {('image_id', 'patient_id')[column]}")
     repeated = frame["image_id"][frame["image_id"].duplicated()]
     if len(repeated):
         raise CompareError(f"{path}: image {repeated.iloc[0]} appears more than once")
@@ -96,17 +171,49 @@ def read_predictions(path: Path) -> tuple[pd.DataFrame, list]:
 
 
 def _check_values(frame, *, path, columns, allowed) -> None:
+    """Every cell of `columns` a finite number (`allowed` None) or one of `allowed`; the columns
+    are made numeric in place, so what is checked is what is scored."""
+    written = frame[columns].copy()
+    for column in columns:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")  # text becomes NaN, refused below
     values = frame[columns].to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(values) if allowed is None else ~np.isin(values, allowed)
     if bad.any():
         row, column = np.argwhere(bad)[0]
+        expected = "a finite probability" if allowed is None else "0 or 1"
         raise CompareError(f"{path}: row {row + 2} ({frame['image_id'].iloc[row]}) has {columns[column]} = "
-                           f"{values[row, column]}; expected {'a finite probability' if allowed is None else '0 or 1'}")
+                           f"{written.iat[row, column]}; expected {expected}")
 
 
 def _labels_scores(frame: pd.DataFrame, classes) -> tuple[np.ndarray, np.ndarray]:
     return (frame[[f"label_{c}" for c in classes]].to_numpy(np.uint8),
             frame[[f"prob_{c}" for c in classes]].to_numpy(np.float64))
+
+
+def label_runs(runs: list[Run], *, labels=()) -> list[Run]:
+    """Give each run its short name for the tables: the one given as (name, run dir) in `labels`,
+    else its folder name, else parent/folder (two searches' best_run), else the path as given.
+    Raises CompareError for a run labelled twice or a label naming two runs."""
+    given = {}
+    for name, run_dir in labels:
+        if Path(run_dir).resolve() in given:
+            raise CompareError(f"--label: {run_dir} is labelled twice; give each run one label")
+        given[Path(run_dir).resolve()] = name
+    for run in runs:
+        run.label = given.get(run.path.resolve()) or _default_label(run, runs, taken=set(given.values()))
+    labels_used = [run.label for run in runs]
+    repeated = [label for label in labels_used if labels_used.count(label) > 1]
+    if repeated:
+        raise CompareError(f"--label {repeated[0]} names two runs; give each run its own label")
+    return runs
+
+
+def _default_label(run: Run, runs: list[Run], *, taken: set) -> str:
+    for naming in (lambda path: path.name, lambda path: f"{path.parent.name}/{path.name}"):
+        name = naming(run.path.resolve())
+        if name not in taken and [naming(other.path.resolve()) for other in runs].count(name) == 1:
+            return name
+    return run.name
 
 
 def check_same_test_rows(runs: list[Run]) -> None:
@@ -193,7 +300,7 @@ def _difference_rows(*, labels, scores, aucs, resampled, runs, run, reference, c
     p_delong = [delong_test(labels[:, c], scores[run][:, c], scores[reference][:, c])["p_value"]
                 if aucs[run][c] is not None else np.nan for c in range(len(classes))]
     p_holm = holm(p_delong)  # 14 tests at once: the family-wise error, not each test's
-    names = {"run": runs[run].name, "reference": runs[reference].name}
+    names = {"run": runs[run].label, "reference": runs[reference].label}
     rows = [{**names, "class": "mean", "auc": mean_auc(aucs[run]), "reference_auc": mean_auc(aucs[reference]),
              "difference": mean_auc(aucs[run]) - mean_auc(aucs[reference]), "ci_low": paired["mean_ci"][0],
              "ci_high": paired["mean_ci"][1], "p_bootstrap": paired["mean_p"], "p_delong": np.nan,
@@ -211,10 +318,10 @@ def _difference_rows(*, labels, scores, aucs, resampled, runs, run, reference, c
 def _leaderboard(runs, *, aucs, intervals, differences, reference, classes) -> pd.DataFrame:
     rows = []
     for r, run in enumerate(runs):
-        mean_row = differences[(differences["run"] == run.name) & (differences["class"] == "mean")]
+        mean_row = differences[(differences["run"] == run.label) & (differences["class"] == "mean")]
         versus = mean_row.iloc[0] if len(mean_row) else None
         rows.append({
-            "run": run.name, "reference": r == reference, "val_mean_auc": run.val_mean_auc,
+            "run": run.label, "run_dir": run.name, "reference": r == reference, "val_mean_auc": run.val_mean_auc,
             "test_mean_auc": mean_auc(aucs[r]), "ci_low": intervals[r]["mean"][0], "ci_high": intervals[r]["mean"][1],
             "difference": 0.0 if versus is None else versus["difference"],
             "difference_ci_low": np.nan if versus is None else versus["ci_low"],
@@ -232,26 +339,39 @@ def _leaderboard(runs, *, aucs, intervals, differences, reference, classes) -> p
 
 
 def describe_features(config: dict) -> dict:
-    """The cache(s) a run used: encoder, weights, image size, layers, feature width,
-    fingerprint; a run on several caches joins each field with ' + '."""
-    single = {"name": config.get("cache", ""), "fingerprint": config.get("cache_fingerprint", ""),
-              "attrs": config.get("cache_attrs", {})}
-    described = [_describe_cache(entry, config) for entry in config.get("caches") or [single]]
-    return {key: " + ".join(str(d[key]) for d in described) for key in described[0]}
+    """The features a run used, as two table cells: `features`, one entry per cache joined with
+    ' + ' (encoder, then weights, image size, layers and width where recorded), and
+    `cache_fingerprints`, every cache's fingerprint in the same order."""
+    caches = [describe_cache(entry, config) for entry in config.get("caches") or [_single_cache(config)]]
+    return {"features": " + ".join(_cache_text(cache) for cache in caches),
+            "cache_fingerprints": " + ".join(cache["fingerprint"] or "?" for cache in caches)}
 
 
-def _describe_cache(entry, config: dict) -> dict:
-    entry = entry if isinstance(entry, dict) else {"name": str(entry)}
-    fingerprint = entry.get("fingerprint") or entry.get("cache_fingerprint", "")
-    attrs = entry.get("attrs") or entry.get("cache_attrs")
+def _single_cache(config: dict) -> dict:
+    """A run's one cache as recorded before runs listed their caches."""
+    return {"name": config.get("cache", ""), "fingerprint": config.get("cache_fingerprint", ""),
+            "attrs": config.get("cache_attrs", {})}
+
+
+def describe_cache(entry: dict, config: dict) -> dict:
+    """One cache of a run: its encoder, weights, image size, layers, width and fingerprint; ""
+    for what the run did not record (runs that joined caches before each cache's attributes
+    were recorded kept them for the first cache only)."""
+    fingerprint = entry.get("fingerprint", "")
+    attrs = entry.get("attrs")
     if attrs is None and fingerprint == config.get("cache_fingerprint"):
-        attrs = config.get("cache_attrs")  # a multi-cache record may keep the attributes once, for the first
+        attrs = config.get("cache_attrs")
     attrs = attrs or {}
-    preprocessing = attrs.get("preprocessing") or {}
-    if isinstance(preprocessing, str):
-        preprocessing = json.loads(preprocessing)
-    layers = attrs.get("layers") or preprocessing.get("layers") or ""
-    return {"encoder": attrs.get("encoder") or attrs.get("backbone") or Path(str(entry.get("name", ""))).stem,
+    layers = attrs.get("layers") or (_preprocessing(attrs) or {}).get("layers") or ""
+    return {"encoder": attrs.get("encoder") or attrs.get("backbone") or Path(entry.get("name", "")).stem,
             "weights": attrs.get("weights", ""), "image_size": attrs.get("image_size", ""),
-            "layers": ",".join(map(str, layers)) if isinstance(layers, (list, tuple)) else layers,
-            "feature_dim": attrs.get("feature_dim", ""), "cache_fingerprint": fingerprint or attrs.get("fingerprint", "")}
+            "layers": ",".join(map(str, layers)) if isinstance(layers, list) else layers,
+            "feature_dim": attrs.get("feature_dim", ""), "fingerprint": fingerprint or attrs.get("fingerprint", "")}
+
+
+def _cache_text(cache: dict) -> str:
+    """e.g. `resnet50 (IMAGENET1K_V2, 224 px, layer3,layer4, 3072-d)`: what made the features."""
+    details = [str(cache["weights"]), f"{cache['image_size']} px" if cache["image_size"] != "" else "",
+               str(cache["layers"]), f"{cache['feature_dim']}-d" if cache["feature_dim"] != "" else ""]
+    details = [detail for detail in details if detail]
+    return cache["encoder"] + (f" ({', '.join(details)})" if details else "")

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from heads.comparison import Comparison
+from heads.settings import BY_NAME
+
 
 def write_comparison(folder: Path, comparison: Comparison, *, versions: dict) -> None:
     """Every output file into `folder` (the caller builds it under .partial and renames it)."""
@@ -17,7 +19,8 @@ def write_comparison(folder: Path, comparison: Comparison, *, versions: dict) ->
     (folder / "comparison.md").write_text(markdown(comparison))
     inputs = {"runs": [str(run.path.resolve()) for run in comparison.runs],
               "runs_as_given": [run.name for run in comparison.runs],
-              "reference": comparison.runs[comparison.reference].name, "reference_reason": comparison.reference_reason,
+              "labels": [run.label for run in comparison.runs],
+              "reference": comparison.runs[comparison.reference].label, "reference_reason": comparison.reference_reason,
               "bootstrap": {"resamples": comparison.n_resamples, "unit": "patient", "seed": comparison.seed,
                             "paired": "every run scored on the same resampled patients"},
               "delong": "per class, images taken as independent; Holm-adjusted across the scorable classes",
@@ -45,16 +48,29 @@ def _missing(value) -> bool:
 
 
 def head_descriptions(comparison: Comparison) -> dict:
-    """Per run: its model and the settings that differ between the runs of that model (the
-    ones they share tell the reader nothing about why they differ; comparison.csv has all)."""
+    """Per run label: its model and the settings that differ between the runs of that model (the
+    ones they share tell the reader nothing about why they differ; comparison.csv has all),
+    numbers to three significant digits, without the hidden-layer settings of a linear head."""
     described = {}
     for run in comparison.runs:
         model = run.config.get("model", "?")
         peers = [other.config.get("settings", {}) for other in comparison.runs if other.config.get("model", "?") == model]
         settings = run.config.get("settings", {})
-        differing = [k for k in sorted(settings) if len({json.dumps(p.get(k)) for p in peers}) > 1]
-        described[run.name] = " ".join([model] + [f"{k}={settings[k]}" for k in differing])
+        differing = [k for k in sorted(settings) if len({json.dumps(p.get(k)) for p in peers}) > 1
+                     and not _meaningless(k, settings)]
+        described[run.label] = " ".join([model] + [f"{k}={_setting(settings[k])}" for k in differing])
     return described
+
+
+def _meaningless(name: str, settings: dict) -> bool:
+    """A hidden-layer setting (width, dropout) of a linear head (depth 0): it changed nothing."""
+    setting = BY_NAME.get(name)
+    return settings.get("depth") == 0 and setting is not None and setting.hidden_only
+
+
+def _setting(value) -> str:
+    """A head setting as a table shows it: a searched learning rate 0.000316 (not 0.00031622776601683794)."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def markdown(comparison: Comparison) -> str:
@@ -63,31 +79,40 @@ def markdown(comparison: Comparison) -> str:
     test = reference.test
     lines = [f"# {len(comparison.runs)} runs on the same {len(test)} test images "
              f"({test['patient_id'].nunique()} patients)", "",
-             f"Reference: `{reference.name}`, {comparison.reference_reason}.",
+             f"Reference: `{reference.label}`, {comparison.reference_reason}.",
              f"Intervals: 95% percentile intervals over {comparison.n_resamples} bootstrap resamples of patients "
              f"(seed {comparison.seed}). Differences are paired: both runs are scored on the same resampled "
              "patients. DeLong's test treats images as independent; its p-values are Holm-adjusted across "
              "the classes compared.", ""]
-    lines += _leaderboard_markdown(comparison) + [""] + _per_class_markdown(comparison)
+    lines += _runs_markdown(comparison) + [""] + _leaderboard_markdown(comparison) + [""]
+    lines += _per_class_markdown(comparison)
     for name in comparison.differences["run"].unique():
         lines += [""] + _differences_markdown(comparison, name)
     return "\n".join(lines) + "\n"
 
 
-def _leaderboard_markdown(comparison) -> list[str]:
+def _runs_markdown(comparison) -> list[str]:
+    """What each run is: its folder, the features it was trained on (a run on several caches
+    lists each), every cache's fingerprint (first 12 hex digits; comparison.csv has them whole)
+    and its head."""
     heads = head_descriptions(comparison)
+    lines = ["## Runs", "", "| run | directory | features | cache fingerprints | head |", "|---|---|---|---|---|"]
+    for row in comparison.leaderboard.itertuples(index=False):
+        fingerprints = ", ".join(f[:12] for f in str(row.cache_fingerprints).split(" + "))
+        lines.append(f"| `{row.run}` | {row.run_dir} | {row.features} | {fingerprints} | {heads[row.run]} |")
+    return lines
+
+
+def _leaderboard_markdown(comparison) -> list[str]:
     lines = ["## Leaderboard (sorted by test mean AUC)", "",
-             "| run | encoder | weights | image size | layers | dim | cache | head | val mean AUC "
-             "| test mean AUC [95% CI] | difference vs reference [95% CI] | p (bootstrap) | train s |",
-             "|" + "---|" * 13]
+             "| run | val mean AUC | test mean AUC [95% CI] | difference vs reference [95% CI] | p (bootstrap) "
+             "| train s |", "|" + "---|" * 6]
     for row in comparison.leaderboard.itertuples(index=False):
         versus = ("reference" if row.reference else
                   f"{_signed(row.difference)} [{_signed(row.difference_ci_low)}, {_signed(row.difference_ci_high)}]")
         seconds = "-" if _missing(row.train_seconds) else f"{row.train_seconds:.1f}"
-        lines.append(f"| `{row.run}` | {row.encoder} | {row.weights} | {row.image_size} | {row.layers or '-'} "
-                     f"| {row.feature_dim} | {str(row.cache_fingerprint)[:12]} | {heads[row.run]} | {_auc(row.val_mean_auc)} "
-                     f"| {_auc(row.test_mean_auc)} [{_auc(row.ci_low)}, {_auc(row.ci_high)}] | {versus} "
-                     f"| {_p(row.p_bootstrap)} | {seconds} |")
+        lines.append(f"| `{row.run}` | {_auc(row.val_mean_auc)} | {_auc(row.test_mean_auc)} [{_auc(row.ci_low)}, "
+                     f"{_auc(row.ci_high)}] | {versus} | {_p(row.p_bootstrap)} | {seconds} |")
     return lines
 
 
@@ -116,7 +141,7 @@ def _differences_markdown(comparison, name) -> list[str]:
 
 def format_terminal(comparison: Comparison) -> str:
     """The leaderboard and each run's paired differences, as fixed-width text."""
-    width = max(len(run.name) for run in comparison.runs)
+    width = max(len(run.label) for run in comparison.runs)
     lines = [f"{'run':<{width}}  {'val AUC':>7}  {'test AUC  [95% CI]':<24}  {'difference vs reference [95% CI]':<33}  p boot"]
     for row in comparison.leaderboard.itertuples(index=False):
         versus = ("reference" if row.reference else
@@ -131,7 +156,7 @@ def format_terminal(comparison: Comparison) -> str:
             lines.append(f"{row[2]:<20} {_auc(row.auc):>6} {_auc(row.reference_auc):>6}  "
                          f"{_signed(row.difference)} [{_signed(row.ci_low)}, {_signed(row.ci_high)}]  "
                          f"{_p(row.p_bootstrap):>7} {_p(row.p_delong):>8} {_p(row.p_delong_holm):>8}")
-    lines.append(f"\nreference: {comparison.runs[comparison.reference].name} ({comparison.reference_reason})")
+    lines.append(f"\nreference: {comparison.runs[comparison.reference].label} ({comparison.reference_reason})")
     return "\n".join(lines)
 
 
@@ -150,13 +175,13 @@ def plot_forest(path, comparison: Comparison) -> None:
         points, low, high = _auc_rows(comparison, r)
         y = np.arange(len(rows)) + offsets[r]
         style = {"color": colors[r % len(colors)], "fmt": "s" if r == comparison.reference else "o", "ms": 4, "lw": 1}
-        label = run.name + (" (reference)" if r == comparison.reference else "")
+        label = run.label + (" (reference)" if r == comparison.reference else "")
         left.errorbar(points, y, xerr=[points - low, high - points], label=label, **style)
-        differences = comparison.differences[comparison.differences["run"] == run.name].set_index("class")
+        differences = comparison.differences[comparison.differences["run"] == run.label].set_index("class")
         if len(differences):
             d = differences.reindex(rows)
             right.errorbar(d["difference"], y, xerr=[d["difference"] - d["ci_low"], d["ci_high"] - d["difference"]],
-                           label=f"{run.name} minus reference", **style)
+                           label=f"{run.label} minus reference", **style)
     right.axvline(0, color="0.5", lw=0.8, ls="--")
     for axis in (left, right):
         axis.axhline(0.5, color="0.8", lw=0.8)  # the mean above, the classes below
@@ -165,7 +190,7 @@ def plot_forest(path, comparison: Comparison) -> None:
     left.set_xlabel("test AUC, 95% CI (each run alone)")
     right.set_xlabel("run minus reference, paired 95% CI (same patients)")
     fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=min(4, len(comparison.runs)), fontsize=8)
-    fig.suptitle(f"{comparison.n_resamples} patient resamples; reference: {comparison.runs[comparison.reference].name}",
+    fig.suptitle(f"{comparison.n_resamples} patient resamples; reference: {comparison.runs[comparison.reference].label}",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.04 + 0.02 * ((len(comparison.runs) - 1) // 4), 1, 1))
     fig.savefig(path, dpi=90)
@@ -173,7 +198,7 @@ def plot_forest(path, comparison: Comparison) -> None:
 
 
 def _auc_rows(comparison, r) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    row = comparison.leaderboard.set_index("run").loc[comparison.runs[r].name]
+    row = comparison.leaderboard.set_index("run").loc[comparison.runs[r].label]
     names = list(comparison.classes)
     points = np.array([row["test_mean_auc"]] + [row[f"auc_{c}"] for c in names], dtype=float)
     low = np.array([row["ci_low"]] + [row[f"ci_low_{c}"] for c in names], dtype=float)

@@ -62,18 +62,26 @@ def bootstrap_auc(labels, scores, patient_ids, *, n_resamples: int = 1000, seed:
     """(n_resamples, C) AUCs on resamples of patients (not images: one patient's images are
     correlated, and resampling them alone would make the intervals too narrow)."""
     labels, scores = np.asarray(labels), np.asarray(scores)
+    results = np.empty((n_resamples, labels.shape[1]))
+    for rows, weights in patient_resamples(patient_ids, n_resamples=n_resamples, seed=seed, chunk=chunk):
+        for c in range(labels.shape[1]):
+            results[rows, c] = weighted_auc(labels[:, c], scores[:, c], weights)
+    return results
+
+
+def patient_resamples(patient_ids, *, n_resamples: int, seed: int, chunk: int = 100):
+    """The patient bootstrap as row weights, `chunk` resamples at a time: yields (slice of the
+    resample numbers, (size, n_rows) float32 weights), each row's weight being how often its
+    patient was drawn. The one definition of a resample: heads.train's test CIs and
+    heads.compare's paired resamples draw the same patients from the same seed."""
     patients, row_patient = np.unique(np.asarray(patient_ids), return_inverse=True)
     rng = np.random.default_rng(seed)
-    results = np.empty((n_resamples, labels.shape[1]))
     for start in range(0, n_resamples, chunk):
         size = min(chunk, n_resamples - start)
         draws = rng.integers(0, len(patients), size=(size, len(patients)))
         offsets = draws + len(patients) * np.arange(size)[:, None]
         counts = np.bincount(offsets.ravel(), minlength=size * len(patients)).reshape(size, len(patients))
-        weights = counts[:, row_patient].astype(np.float32)
-        for c in range(labels.shape[1]):
-            results[start:start + size, c] = weighted_auc(labels[:, c], scores[:, c], weights)
-    return results
+        yield slice(start, start + size), counts[:, row_patient].astype(np.float32)
 
 
 def confidence_intervals(resampled: np.ndarray, *, level: float = 0.95) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 from scipy.special import ndtr
 from scipy.stats import rankdata
 
-from heads.evaluate import confidence_intervals, weighted_auc
+from heads.evaluate import confidence_intervals, patient_resamples, weighted_auc
 
 
 def delong_covariance(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,24 +77,13 @@ def paired_bootstrap_auc(labels, scores_by_run, patient_ids, *, n_resamples: int
     resample where a class has one label value only gives NaN for it in every run alike."""
     labels = np.asarray(labels)
     scores_by_run = [np.asarray(scores) for scores in scores_by_run]
-    patients, row_patient = np.unique(np.asarray(patient_ids), return_inverse=True)
-    rng = np.random.default_rng(seed)
     results = np.empty((n_resamples, len(scores_by_run), labels.shape[1]))
-    for start in range(0, n_resamples, chunk):
-        size = min(chunk, n_resamples - start)
-        # one set of weights per chunk, shared by every run: this is what makes it paired
-        weights = _patient_counts(rng, n_patients=len(patients), size=size)[:, row_patient]
+    # one set of weights per chunk, shared by every run: this is what makes it paired
+    for rows, weights in patient_resamples(patient_ids, n_resamples=n_resamples, seed=seed, chunk=chunk):
         for run, scores in enumerate(scores_by_run):
             for c in range(labels.shape[1]):
-                results[start:start + size, run, c] = weighted_auc(labels[:, c], scores[:, c], weights)
+                results[rows, run, c] = weighted_auc(labels[:, c], scores[:, c], weights)
     return results
-
-
-def _patient_counts(rng, *, n_patients: int, size: int) -> np.ndarray:
-    """(size, n_patients) float32: how often each patient is drawn in each resample."""
-    draws = rng.integers(0, n_patients, size=(size, n_patients))
-    offsets = draws + n_patients * np.arange(size)[:, None]
-    return np.bincount(offsets.ravel(), minlength=size * n_patients).reshape(size, n_patients).astype(np.float32)
 
 
 def bootstrap_p_value(differences) -> float:

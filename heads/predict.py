@@ -8,7 +8,6 @@ column per class.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -19,6 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cache.flags import OneLineParser, Valid, number_type
+from cache.outdir import OutDirError, refuse_link
 from cache.runtime import DeviceUnavailable, resolve_device
 from heads.fit import head_from_checkpoint, predict_proba
 
@@ -28,33 +29,24 @@ class PredictError(Exception):
 
 
 def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser("python -m heads.predict", add_help=add_help,
-                                     description="Score PNG images with a trained head.")
+    parser = OneLineParser("python -m heads.predict", add_help=add_help,
+                           description="Score PNG images with a trained head.")
     parser.add_argument("--run", required=True, help="a run directory written by heads.train or search")
     parser.add_argument("images", nargs="+", help="PNG files, or folders of them")
     parser.add_argument("--out", default=None, help="CSV to write (default: outputs/predictions/<run name>.csv)")
     parser.add_argument("--weights", default=None,
                         help="the encoder weights file or folder, when the cache was made from local weights")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model batch, >= 1")
+    parser.add_argument("--batch-size", type=number_type(int, Valid(1)), default=32,
+                        help="images per model batch, >= 1")
     return parser
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is below 1")
-    return value
 
 
 def check_out(out: Path) -> None:
     """Refuse, before any work, an --out that is a folder or a file this tool did not write:
     only an earlier predictions CSV (its header starts `image_id,path,prob_`, or `image,prob_`
     before image_id) is replaced."""
+    refuse_link(out)
     if out.is_dir():
         raise PredictError(f"--out {out} is a folder; give the path of the CSV to write")
     if out.exists():
@@ -177,7 +169,7 @@ def main(args) -> int:
         check_out(out)
         failed = predict(run_dir=Path(args.run), inputs=args.images, out=out, weights_path=args.weights,
                          device=resolve_device(args.device), batch_size=args.batch_size)
-    except (PredictError, DeviceUnavailable, EncoderError) as err:
+    except (PredictError, OutDirError, DeviceUnavailable, EncoderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for image, reason in failed:

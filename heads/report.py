@@ -10,15 +10,14 @@
     head.pt              state dict, settings and standardization (torch.load(weights_only=True))
     roc_curves.png       test ROC curve of every class
     grid.csv             (a grid run) every head of the grid on validation; the chosen one marked
-    .cxr14-kit           marker: the kit wrote this folder, so --overwrite may replace it
+    .cxr14-kit           marker: a run folder the kit wrote, so --overwrite may replace it (cache/outdir.py)
 
 The directory is built under a temporary name and renamed when complete, so a failed run
-never leaves something that looks like a result.
+never leaves something that looks like a result (the folder rules of every command: cache/outdir.py).
 """
 from __future__ import annotations
 
 import json
-import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -35,73 +34,6 @@ LITERATURE_NOTE = ("published test AUCs under other protocols, for context only:
 def literature_auc() -> pd.DataFrame:
     with resources.files("heads").joinpath("literature_auc.csv").open() as handle:
         return pd.read_csv(handle).set_index("class")
-
-
-# Written into every run directory the kit builds. `--overwrite` replaces only a folder that
-# holds it, and a leftover `<out>.partial` is removed only if it holds it: a user's own folder
-# that happens to share the name is never deleted.
-KIT_MARKER = ".cxr14-kit"
-
-
-def is_kit_dir(path) -> bool:
-    """True when `path` is a folder the kit created (it holds the marker file)."""
-    path = Path(path)
-    return path.is_dir() and (path / KIT_MARKER).is_file()
-
-
-def mark_kit_dir(path) -> None:
-    """Create `path` (and parents) as a kit-made folder."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / KIT_MARKER).write_text("written by cxr14-kit; `--overwrite` may replace this folder\n")
-
-
-def check_out_dir(out, *, overwrite: bool) -> None:
-    """Refuse, before any work, an --out that cannot become a run: a regular file, a folder the
-    kit did not write, or a finished run without --overwrite. Raises FileExistsError."""
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file, not a folder; pick another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not is_kit_dir(out):
-            raise FileExistsError(f"--out {out} is a folder the kit did not write; it is left alone: "
-                                  f"pick another --out")
-        if not overwrite:
-            raise FileExistsError(f"--out {out} already holds a run; pick another --out or pass --overwrite")
-    if partial.exists() and not is_kit_dir(partial):
-        raise FileExistsError(f"{partial} exists and was not written by the kit; it is left alone: move it "
-                              f"or pick another --out")
-
-
-def prepare_out_dir(out, *, overwrite: bool) -> Path:
-    """The temporary folder (`<out>.partial`, marked as the kit's) to build a run in, after
-    check_out_dir; a partial folder left by an earlier kit run is replaced."""
-    check_out_dir(out, overwrite=overwrite)
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    mark_kit_dir(partial)
-    return partial
-
-
-def discard_partial(partial: Path) -> None:
-    """Remove a partial run after a failure, only if it is the kit's."""
-    if is_kit_dir(partial):
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-def finish_out_dir(partial: Path, out) -> Path:
-    """Move a complete run into place; the folder it replaces is the kit's (check_out_dir)."""
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not is_kit_dir(out)):
-            raise FileExistsError(f"--out {out} became something the kit did not write while the run was "
-                                  f"built; it is left alone and the run is kept in {partial}")
-        shutil.rmtree(out) if is_kit_dir(out) else out.rmdir()
-    partial.rename(out)
-    return out
 
 
 def evaluate_split(split, scores: np.ndarray) -> dict:

@@ -9,14 +9,13 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+from cache.outdir import discard_partial, finish_out_dir, prepare_out_dir
 from cache.runtime import versions
 from heads.data import HeadData, classes_without_train_positive, load_head_data, scoring_warnings
 from heads.estimator import Head
 from heads.fit import predict_proba
 from heads.model import WEIGHTING_FORMULA
-from heads.report import (
-    discard_partial, finish_out_dir, format_table, per_class_table, prepare_out_dir, score_run, write_run,
-)
+from heads.report import format_table, per_class_table, score_run, write_run
 
 
 def train_and_report(*, cache_path, settings: dict, out, device, overwrite=False, n_bootstrap=1000,
@@ -32,7 +31,7 @@ def fit_and_report(estimator, *, cache_path, out, device, overwrite=False, n_boo
     """Fit `estimator` (heads.estimator) on train/val, score val and test once, write the run
     directory under `<out>.partial` and move it into place; returns (run dir, metrics)."""
     data = data or load_head_data(cache_path, device=device)
-    partial = prepare_out_dir(out, overwrite=overwrite)
+    partial = prepare_out_dir(out, kind="run", overwrite=overwrite)
     if not quiet:
         for line in scoring_warnings(data):
             print(f"warning: {line}", file=sys.stderr)
@@ -52,9 +51,9 @@ def fit_and_report(estimator, *, cache_path, out, device, overwrite=False, n_boo
                   val_scores=val_scores, test=data.test, test_scores=test_scores,
                   checkpoint=estimator.checkpoint(data), official_nih=data.official_nih, tables=estimator.tables())
     except BaseException:
-        discard_partial(partial)
+        discard_partial(partial, kind="run")
         raise
-    run_dir = finish_out_dir(partial, out)
+    run_dir = finish_out_dir(partial, out, kind="run")
     if not quiet:
         print_summary(run_dir, data=data, metrics=metrics, model=estimator.kind)
     return run_dir, metrics
@@ -73,12 +72,9 @@ def run_config(*, cache_path, data, settings, device, class_weights_used: dict, 
     return {
         "model": "head", "settings": settings, "cache": str(Path(_first(cache_path)).resolve()),
         "cache_fingerprint": data.attrs["fingerprint"],
-        # every cache's recipe, so that heads.predict rebuilds each encoder of a joined run: the
-        # first cache's is cache_attrs, each further cache's is its entry's attrs
         "caches": [{**{key: entry[key] for key in ("name", "path", "fingerprint", "columns")},
-                    **({"attrs": _recipe(entry["attrs"])} if index else {})}
-                   for index, entry in enumerate(data.caches)],
-        "cache_attrs": _recipe(data.attrs),
+                    "attrs": _recipe_attrs(entry["attrs"])} for entry in data.caches],
+        "cache_attrs": _recipe_attrs(data.attrs),
         "official_nih_test_split": data.official_nih,
         "classes_without_train_positive": classes_without_train_positive(data),
         "device": str(device), "class_weights": {**class_weights_used, "formula": WEIGHTING_FORMULA},
@@ -97,8 +93,8 @@ def _scored(classes, split_metrics: dict) -> int:
     return len(classes) - len(split_metrics["not_scorable"])
 
 
-def _recipe(attrs: dict) -> dict:
-    """A cache's attributes without the ones that say when and with what it was written."""
+def _recipe_attrs(attrs: dict) -> dict:
+    """A cache's attributes without when and with what it was written (what made the features)."""
     return {k: v for k, v in attrs.items() if k not in ("versions", "created")}
 
 

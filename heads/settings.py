@@ -8,29 +8,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Valid:
-    """The values a setting accepts: numbers from `low` to `high`, each end included unless
-    marked open; NaN and infinities never. Checked when the command line is parsed."""
-    low: float
-    high: float = math.inf
-    low_open: bool = False
-    high_open: bool = False
-
-    def contains(self, value) -> bool:
-        if not math.isfinite(value):
-            return False
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-    def describe(self) -> str:
-        high = "inf)" if math.isinf(self.high) else f"{self.high:g}{')' if self.high_open else ']'}"
-        return f"{'(' if self.low_open else '['}{self.low:g}, {high}"
+from cache.flags import Valid, parse_number
 
 
 @dataclass(frozen=True)
@@ -80,26 +60,6 @@ def parse_value(setting: Setting, text: str):
             raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(setting.choices)}")
         return text
     return parse_number(text, kind=type(setting.default), valid=setting.valid)
-
-
-def parse_number(text: str, *, kind, valid: Valid):
-    """`text` as an int or float inside `valid`, or argparse.ArgumentTypeError naming the range."""
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}; "
-                                         f"allowed: {valid.describe()}") from None
-    if not valid.contains(value):
-        raise argparse.ArgumentTypeError(f"{text} is outside the allowed range {valid.describe()}")
-    return value
-
-
-def number_type(kind, valid: Valid):
-    """argparse `type=` for a number option outside the head settings (e.g. --bootstrap)."""
-    def parse(text: str):
-        return parse_number(text, kind=kind, valid=valid)
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def value_parser(setting: Setting, *, grid: bool):

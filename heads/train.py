@@ -11,12 +11,13 @@ import datetime
 import sys
 
 import cache
+from cache.flags import OneLineParser
+from cache.outdir import check_out_dir
 from cache.runtime import DeviceUnavailable, resolve_device
 from heads import settings as head_settings
-from heads.cli import OneLineParser, add_io_args, cache_paths
+from heads.cli import add_io_args, cache_paths
 from heads.data import HeadsError, load_head_data
 from heads.estimator import Head, HeadGrid
-from heads.report import check_out_dir
 from heads.run import fit_and_report
 
 
@@ -31,7 +32,7 @@ def main(args) -> int:
     out = args.out or f"outputs/runs/head-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     grid = head_settings.settings_grid(args)
     try:
-        check_out_dir(out, overwrite=args.overwrite)  # before any work
+        check_out_dir(out, kind="run", overwrite=args.overwrite)  # before any work
         device = resolve_device(args.device)
         paths = cache_paths(args)
         data = load_head_data(paths, device=device)

@@ -18,13 +18,13 @@ import optuna
 from tqdm import tqdm
 
 import cache
+from cache.flags import OneLineParser, Valid, number_type
+from cache.outdir import check_open_dir, open_dir
 from cache.runtime import DeviceUnavailable, resolve_device
 from heads import settings as head_settings
-from heads.cli import OneLineParser, add_io_args, cache_paths
-from heads.settings import Valid, number_type
+from heads.cli import add_io_args, cache_paths
 from heads.data import HeadsError, load_head_data
 from heads.run import train_and_report
-from search import outdir
 from search.liveness import Liveness
 from search.passes import SearchContext, run_passes
 from search.report import print_standing, print_summary, write_search_outputs
@@ -40,21 +40,7 @@ from search.study import FINISHED, best_text, best_trial, count, fail_interrupte
 DEFAULT_PER_PASS = {"cpu": 8, "cuda": 32}
 DEFAULT_STALE_AFTER_S = 60.0
 SEED_MAX = 2**32 - 1  # numpy's RandomState, behind Optuna's samplers, takes seeds up to here
-
-
-def _at_least(kind, low, *, low_open=False):
-    return number_type(kind, Valid(low, low_open=low_open))
-
-
-def _seed_part(text):
-    """A whole number from 0 to SEED_MAX, the range said exactly (Valid.describe rounds it)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"{value} is outside 0..{SEED_MAX}, the seeds the sampler takes")
-    return value
+SEED_TYPE = number_type(int, Valid(0, SEED_MAX))
 
 
 def _study_name(text):
@@ -73,7 +59,7 @@ def _storage_url(text):
 def get_args_parser(add_help=True):
     parser = OneLineParser("python -m search", add_help=add_help,
                            description="Search head settings with Optuna against validation mean AUC.")
-    parser.add_argument("--trials", type=_at_least(int, 1), default=100,
+    parser.add_argument("--trials", type=number_type(int, Valid(1)), default=100,
                         help="run until the study holds this many finished (complete or pruned) trials (>= 1)")
     add_io_args(parser, out_help="search folder (default: outputs/search/<study-name>)", overwrite=False,
                 multi_cache=True)
@@ -81,23 +67,23 @@ def get_args_parser(add_help=True):
     parser.add_argument("--storage", type=_storage_url, default=None,
                         help="default: sqlite:///<out>/study.db; postgresql://user:pw@host/db or mysql://... "
                              "for workers on several machines; journal:PATH for processes on one machine")
-    parser.add_argument("--trials-per-pass", type=_at_least(int, 1), default=None,
+    parser.add_argument("--trials-per-pass", type=number_type(int, Valid(1)), default=None,
                         help="K trials asked at once and trained together on one stream of minibatches; 1 trains "
                              f"one at a time (default: {DEFAULT_PER_PASS['cpu']} on CPU, "
                              f"{DEFAULT_PER_PASS['cuda']} on CUDA)")
-    parser.add_argument("--n-jobs", type=_at_least(int, 1), default=1,
+    parser.add_argument("--n-jobs", type=number_type(int, Valid(1)), default=1,
                         help="threads of this process that share the training of each pass (>= 1)")
-    parser.add_argument("--timeout", type=_at_least(float, 0, low_open=True), default=None,
+    parser.add_argument("--timeout", type=number_type(float, Valid(0, low_open=True)), default=None,
                         help="seconds after which no new pass starts (> 0; default: none)")
-    parser.add_argument("--stale-after", type=_at_least(float, 6), default=DEFAULT_STALE_AFTER_S,
+    parser.add_argument("--stale-after", type=number_type(float, Valid(6)), default=DEFAULT_STALE_AFTER_S,
                         help="seconds without a heartbeat (database storages), or unclaimed after it started "
                              "(any shared storage), after which a running trial counts as its dead worker's and "
                              "is failed, so the study still reaches N (>= 6)")
     parser.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"],
                         help="stop unpromising trials early from their per-epoch validation AUC")
-    parser.add_argument("--sampler-seed", type=_seed_part, default=0,
+    parser.add_argument("--sampler-seed", type=SEED_TYPE, default=0,
                         help=f"seed of the TPE sampler, 0 to {SEED_MAX}; it uses this plus --worker-index")
-    parser.add_argument("--worker-index", type=_seed_part, default=0,
+    parser.add_argument("--worker-index", type=SEED_TYPE, default=0,
                         help="this worker's number among processes sharing one study (0, 1, 2, ...): each "
                              "needs its own, or they propose the same settings (default 0)")
     head_settings.add_setting_args(parser, searched=False)
@@ -123,13 +109,13 @@ def run_search(args) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and summary say it all
     seed = sampler_seed(args)
     out = Path(args.out or f"outputs/search/{args.study_name}")
-    outdir.check_search_dir(out)
+    check_open_dir(out, kind="search")
     url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if args.storage is None:
-        outdir.prepare_search_dir(out)  # the default study.db, and so its lock, live in the folder
+        open_dir(out, kind="search")  # the default study.db, and so its lock, live in the folder
     with sole_user(url):  # a SQLite study is one process's: a second one is refused here, before any work
         if not is_shared(url):  # a shared study is opened first, so that an unreachable
-            outdir.prepare_search_dir(out)  # database leaves no empty folder
+            open_dir(out, kind="search")  # database leaves no empty folder
         return search_and_report(args, out=out, url=url, seed=seed)
 
 
@@ -156,7 +142,7 @@ def search_and_report(args, *, out: Path, url: str, seed: int) -> int:
                        max_epochs=fixed["max_epochs"], stale_after=args.stale_after,
                        identity=study_identity(data=data, fingerprints=data.fingerprints, fixed=fixed, space=space))
     if is_shared(url):
-        outdir.prepare_search_dir(out)
+        open_dir(out, kind="search")
     else:  # held by this process alone (sole_user): a RUNNING trial is a killed run's
         fail_interrupted_trials(study)
     start = time.perf_counter()

@@ -8,9 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import cache
 from cache.synthetic import write_synthetic_cache
 from conftest import call_main, run_cli
 from heads.comparison import DIFFERENCE_COLUMNS, describe_features
+from heads.evaluate import bootstrap_auc
 from heads.paired import bootstrap_p_value, delong_test, holm, paired_bootstrap_auc, paired_differences
 
 DELONG_CASES = Path(__file__).parent / "data" / "delong"
@@ -123,8 +125,8 @@ def test_a_clearly_weaker_run_loses_in_every_class(runs, tmp_path):
     out = tmp_path / "out"
     differences = pd.read_csv(out / "paired_differences.csv", keep_default_na=False, na_values=[""])
     assert list(differences.columns) == DIFFERENCE_COLUMNS
-    # the reference is the better VALIDATION run, named as given on the command line
-    assert set(differences["reference"]) == {str(runs / "strong")} and set(differences["run"]) == {str(runs / "weak")}
+    # the reference is the better VALIDATION run, named by its folder
+    assert set(differences["reference"]) == {"strong"} and set(differences["run"]) == {"weak"}
     assert list(differences["class"]) == ["mean", *json.loads((runs / "strong" / "config.json").read_text())
                                           ["cache_attrs"]["classes"]]
     assert (differences["ci_high"] < 0).all()  # every CI excludes 0
@@ -133,8 +135,10 @@ def test_a_clearly_weaker_run_loses_in_every_class(runs, tmp_path):
     # the known answer: Phi(0.5/sqrt 2) - Phi(1.19/sqrt 2) = 0.638 - 0.800
     assert differences["difference"].iloc[0] == pytest.approx(0.638 - 0.800, abs=0.03)
     leaderboard = pd.read_csv(out / "comparison.csv")
-    assert leaderboard["run"].tolist() == [str(runs / "strong"), str(runs / "weak")]
-    assert leaderboard["weights"].tolist() == ["separation=1.19", "separation=0.5"]
+    assert leaderboard["run"].tolist() == ["strong", "weak"]
+    assert leaderboard["run_dir"].tolist() == [str(runs / "strong"), str(runs / "weak")]
+    assert leaderboard["features"].tolist() == ["synthetic-gaussian (separation=1.19, 0 px, 16-d)",
+                                                "synthetic-gaussian (separation=0.5, 0 px, 16-d)"]
     assert leaderboard["test_mean_auc"].iloc[1] == pytest.approx(differences["auc"].iloc[0])
     assert (out / "forest_plot.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (out / "comparison.md").read_text()
@@ -152,7 +156,7 @@ def test_reference_is_chosen_on_validation_not_test(runs, tmp_path):
     val.to_csv(val_path, index=False)
     compare(runs / "strong", tmp_path / "weak_good_val", "--out", tmp_path / "out", check_rc=0)
     differences = pd.read_csv(tmp_path / "out" / "paired_differences.csv")
-    assert set(differences["reference"]) == {str(tmp_path / "weak_good_val")}
+    assert set(differences["reference"]) == {"weak_good_val"}
     assert (differences["difference"].iloc[1:] > 0).all()
     compare(runs / "strong", tmp_path / "weak_good_val", "--reference", runs / "strong", "--out", tmp_path / "given",
             check_rc=0)
@@ -187,12 +191,28 @@ def test_a_directory_from_another_tool_is_refused(runs, tmp_path):
     assert "not a predictions file of this kit" in result.stderr and "image_id" in result.stderr
 
 
-def test_out_holding_something_else_is_never_replaced(runs, tmp_path):
+def test_out_deletes_or_replaces_only_an_earlier_comparison(runs, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     result = compare(runs / "strong", runs / "weak", "--out", tmp_path / "mine", "--overwrite", check_rc=2)
-    assert "not a comparison this tool wrote" in result.stderr
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert "did not write" in result.stderr and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    # a folder that merely holds a file named comparison.json is not a comparison of the kit's
+    (tmp_path / "lookalike").mkdir()
+    (tmp_path / "lookalike" / "comparison.json").write_text("{}")
+    (tmp_path / "lookalike" / "thesis.tex").write_text("years of work")
+    result = compare(runs / "strong", runs / "weak", "--out", tmp_path / "lookalike", "--overwrite", check_rc=2)
+    assert "did not write" in result.stderr and (tmp_path / "lookalike" / "thesis.tex").exists()
+    # a user's folder that happens to be called <out>.partial is left alone, and nothing is compared
+    (tmp_path / "cmp.partial").mkdir()
+    (tmp_path / "cmp.partial" / "notes.txt").write_text("mine")
+    result = compare(runs / "strong", runs / "weak", "--out", tmp_path / "cmp", check_rc=2)
+    assert "cmp.partial" in result.stderr and (tmp_path / "cmp.partial" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "cmp").exists()
+    (tmp_path / "cmp.partial" / "notes.txt").unlink()
+    (tmp_path / "cmp.partial").rmdir()
+    # a run folder is not a comparison, even with --overwrite
+    result = compare(runs / "strong", runs / "weak", "--out", runs / "weak", "--overwrite", check_rc=2)
+    assert "is a run folder" in result.stderr and (runs / "weak" / "config.json").exists()
     compare(runs / "strong", runs / "weak", "--out", tmp_path / "cmp", check_rc=0)
     compare(runs / "strong", runs / "weak", "--out", tmp_path / "cmp", check_rc=2)  # no --overwrite
     compare(runs / "strong", runs / "weak", "--out", tmp_path / "cmp", "--overwrite", check_rc=0)
@@ -209,25 +229,31 @@ def test_end_to_end_two_synthetic_caches_through_the_clis(tmp_path):
                   "--max-epochs", 8, "--lr", 0.01, "--bootstrap", 20, "--device", "cpu", check_rc=0)
     result = run_cli("heads.compare", tmp_path / "run_a", tmp_path / "run_b", "--out", tmp_path / "cmp",
                      "--bootstrap", "200", check_rc=0)
-    assert f"{tmp_path / 'run_b'} minus {tmp_path / 'run_a'}" in result.stdout
+    assert "run_b minus run_a" in result.stdout
     differences = pd.read_csv(tmp_path / "cmp" / "paired_differences.csv")
     mean = differences[differences["class"] == "mean"].iloc[0]
     assert mean["ci_high"] < 0 and mean["p_bootstrap"] < 0.05
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [
-        "comparison.csv", "comparison.json", "comparison.md", "forest_plot.png", "paired_differences.csv"]
+        ".cxr14-kit", "comparison.csv", "comparison.json", "comparison.md", "forest_plot.png", "paired_differences.csv"]
 
 
 def test_features_of_one_cache_and_of_several_are_described():
     attrs = {"backbone": "resnet50", "weights": "IMAGENET1K_V2", "image_size": 224, "feature_dim": 3072,
              "preprocessing": json.dumps({"resize": 256, "layers": ["layer3", "layer4"]})}
     single = {"cache": "/c/a.h5", "cache_fingerprint": "f1", "cache_attrs": attrs, "settings": {}}
-    assert describe_features(single) == {"encoder": "resnet50", "weights": "IMAGENET1K_V2", "image_size": "224",
-                                         "layers": "layer3,layer4", "feature_dim": "3072", "cache_fingerprint": "f1"}
-    several = {**single, "caches": [{"name": "a.h5", "path": "/c/a.h5", "fingerprint": "f1", "columns": [0, 3072]},
-                                    {"name": "dino.h5", "path": "/c/dino.h5", "fingerprint": "f2",
-                                     "columns": [3072, 3840]}]}
-    described = describe_features(several)
-    assert described["encoder"] == "resnet50 + dino" and described["cache_fingerprint"] == "f1 + f2"
+    assert describe_features(single) == {"features": "resnet50 (IMAGENET1K_V2, 224 px, layer3,layer4, 3072-d)",
+                                         "cache_fingerprints": "f1"}
+    dino = {"backbone": "hf:facebook/dinov2-small", "weights": "pretrained", "image_size": 224, "feature_dim": 384}
+    several = {**single, "caches": [
+        {"name": "a.h5", "path": "/c/a.h5", "fingerprint": "f1", "columns": [0, 3072], "attrs": attrs},
+        {"name": "dino.h5", "path": "/c/dino.h5", "fingerprint": "f2", "columns": [3072, 3456], "attrs": dino}]}
+    assert describe_features(several) == {
+        "features": "resnet50 (IMAGENET1K_V2, 224 px, layer3,layer4, 3072-d) + hf:facebook/dinov2-small "
+                    "(pretrained, 224 px, 384-d)", "cache_fingerprints": "f1 + f2"}
+    # a run that joined caches before each cache's attributes were recorded: nothing invented
+    for entry in several["caches"]:
+        del entry["attrs"]
+    assert describe_features(several)["features"] == "resnet50 (IMAGENET1K_V2, 224 px, layer3,layer4, 3072-d) + dino"
 
 
 def test_a_class_with_one_label_value_is_left_out(runs, tmp_path):
@@ -241,12 +267,114 @@ def test_a_class_with_one_label_value_is_left_out(runs, tmp_path):
     leaderboard = pd.read_csv(tmp_path / "out" / "comparison.csv").set_index("run")
     scored = [c for c in leaderboard.columns if c.startswith("auc_") and c != "auc_Hernia"]
     assert leaderboard["auc_Hernia"].isna().all()
-    assert leaderboard.loc[str(tmp_path / "weak"), "test_mean_auc"] == pytest.approx(
-        leaderboard.loc[str(tmp_path / "weak"), scored].mean())
+    assert leaderboard.loc["weak", "test_mean_auc"] == pytest.approx(leaderboard.loc["weak", scored].mean())
 
 
-def test_bad_flags_stop_at_parse_time(runs):
-    for flag, value in (("--bootstrap", "0"), ("--seed", "-1"), ("--bootstrap", "many")):
-        with pytest.raises(SystemExit) as stopped:
-            call_main("heads.compare", runs / "strong", runs / "weak", flag, value)
-        assert stopped.value.code == 2
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--bootstrap", "0", "outside [1, 100000]"), ("--bootstrap", "100000000", "outside [1, 100000]"),
+    ("--bootstrap", "many", "not an integer"), ("--seed", "-1", "outside [0,"), ("--label", "nameonly", "NAME=RUN_DIR"),
+    ("--label", "a|b=x", "may not hold"), ("--nonsense", "1", "unrecognized arguments"),
+])
+def test_bad_flags_are_one_line_at_parse_time(capsys, flag, value, expected):
+    from heads.compare import get_args_parser
+
+    with pytest.raises(SystemExit) as stopped:
+        get_args_parser().parse_args(["a", "b", flag, value])
+    message = capsys.readouterr().err
+    assert stopped.value.code == 2 and message.count("\n") == 1 and expected in message
+
+
+def test_runs_are_labelled_and_a_joined_run_lists_every_encoder_and_fingerprint(runs, tmp_path):
+    call_main("heads.baseline", "--cache", runs / "strong.h5", "--cache", runs / "weak.h5",
+              "--out", tmp_path / "joined", "--bootstrap", 20, check_rc=0)
+    for search in ("s1", "s2"):  # two searches' best runs share a folder name
+        shutil.copytree(runs / "weak", tmp_path / search / "best_run")
+    for search, settings in (("s1", {"depth": 0, "width": 128}),
+                             ("s2", {"depth": 0, "width": 256, "C": 0.31622776601683794})):  # as a search suggests
+        config_path = tmp_path / search / "best_run" / "config.json"
+        config = json.loads(config_path.read_text())
+        config["settings"].update(settings)
+        config_path.write_text(json.dumps(config))
+    compare("--label", f"both={tmp_path / 'joined'}", runs / "strong", tmp_path / "s1" / "best_run",
+            tmp_path / "s2" / "best_run", "--out", tmp_path / "out", check_rc=0)
+    board = pd.read_csv(tmp_path / "out" / "comparison.csv").set_index("run")
+    assert sorted(board.index) == ["both", "s1/best_run", "s2/best_run", "strong"]
+    assert board.loc["both", "run_dir"] == str(tmp_path / "joined")
+    assert board.loc["both", "features"] == ("synthetic-gaussian (separation=1.19, 0 px, 16-d) + "
+                                             "synthetic-gaussian (separation=0.5, 0 px, 16-d)")
+    fingerprints = [cache.read_attrs(runs / f"{name}.h5")["fingerprint"] for name in ("strong", "weak")]
+    assert board.loc["both", "cache_fingerprints"] == " + ".join(fingerprints)
+    markdown = (tmp_path / "out" / "comparison.md").read_text()
+    assert all(f[:12] in markdown for f in fingerprints) and " + |" not in markdown and "| `both` |" in markdown
+    assert "C=0.316 " in markdown and "0.3162277" not in markdown  # rounded where it is read, whole in the CSV
+    assert "width=" not in markdown  # a linear head's width changed nothing
+    assert "0.31622776601683794" in board.loc["s2/best_run", "settings"]
+    result = compare("--label", f"x={runs / 'strong'}", "--label", f"x={runs / 'weak'}", "--out", tmp_path / "twice",
+                     check_rc=2)
+    assert "names two runs" in result.stderr and not (tmp_path / "twice").exists()
+
+
+def test_runs_scored_on_no_test_rows_are_refused(runs, tmp_path):
+    for name in ("strong", "weak"):
+        shutil.copytree(runs / name, tmp_path / name)
+        path = tmp_path / name / "predictions_test.csv"
+        path.write_text(path.read_text().splitlines()[0] + "\n")
+    result = compare(tmp_path / "strong", tmp_path / "weak", "--out", tmp_path / "out", check_rc=2)
+    assert "no rows" in result.stderr and "predictions_test.csv" in result.stderr and not (tmp_path / "out").exists()
+
+
+def _edit_json(name, change):
+    def edit(run):
+        path = run / name
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    return edit
+
+
+def _edit_csv(name, change):
+    def edit(run):
+        path = run / name
+        change(pd.read_csv(path, dtype={"image_id": str})).to_csv(path, index=False)
+    return edit
+
+
+def _without_val_predictions(edit):
+    def both(run):
+        (run / "predictions_val.csv").unlink()
+        edit(run)
+    return both
+
+
+@pytest.mark.parametrize("damage, file, says", [
+    (_edit_json("config.json", lambda c: {**c, "settings": [1, 2]}), "config.json", "settings is a list"),
+    (_edit_json("config.json", lambda c: {**c, "model": 5}), "config.json", "model is an integer"),
+    (_edit_json("config.json", lambda c: {**c, "caches": "a.h5"}), "config.json", "caches is a string"),
+    (_edit_json("config.json", lambda c: {**c, "caches": [1]}), "config.json", "caches[0] is an integer"),
+    (_edit_json("config.json", lambda c: {**c, "cache_attrs": {**c["cache_attrs"], "preprocessing": "{oops"}}),
+     "config.json", "preprocessing is not a JSON object"),
+    (_edit_json("metrics.json", lambda m: [m]), "metrics.json", "is a list"),
+    (_edit_json("metrics.json", lambda m: {**m, "train_seconds": "fast"}), "metrics.json", "train_seconds is a string"),
+    (_without_val_predictions(_edit_json("metrics.json", lambda m: {**m, "val": {"mean_auc": "high"}})),
+     "metrics.json", "val.mean_auc is a string"),
+    (_edit_csv("predictions_test.csv", lambda f: f.assign(prob_Hernia="high")), "predictions_test.csv",
+     "prob_Hernia = high"),
+    (_edit_csv("predictions_val.csv", lambda f: f.drop(columns="prob_Hernia")), "predictions_val.csv",
+     "other classes"),
+])
+def test_a_damaged_run_record_is_one_line_naming_the_file(runs, tmp_path, damage, file, says):
+    shutil.copytree(runs / "weak", tmp_path / "damaged")
+    damage(tmp_path / "damaged")
+    result = compare(runs / "strong", tmp_path / "damaged", "--out", tmp_path / "out", check_rc=2)
+    assert result.stderr.count("\n") == 1 and str(tmp_path / "damaged" / file) in result.stderr
+    assert says in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_paired_bootstrap_draws_the_patients_of_a_runs_own_ci():
+    """heads.train's test CI and heads.compare's paired resamples share one definition of a
+    resample: from the same seed, the same patients, so the same AUCs to the last bit."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random((300, 3)) < 0.3).astype(np.uint8)
+    scores, other = rng.random((300, 3)), rng.random((300, 3))
+    patient_ids = rng.integers(0, 90, 300)
+    alone = bootstrap_auc(labels, scores, patient_ids, n_resamples=250, seed=3, chunk=100)
+    paired = paired_bootstrap_auc(labels, [scores, other], patient_ids, n_resamples=250, seed=3, chunk=100)
+    assert np.array_equal(alone, paired[:, 0], equal_nan=True)

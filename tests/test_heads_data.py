@@ -1,5 +1,5 @@
 """Loading caches for the heads: float16 standardized features, several caches joined by image
-id into named feature blocks, and run folders that only the kit's own may be replaced."""
+id into named feature blocks."""
 import json
 
 import h5py
@@ -11,7 +11,6 @@ import cache
 from cache.synthetic import write_synthetic_cache
 from conftest import call_main
 from heads.data import HeadsError, load_head_data
-from heads.report import KIT_MARKER, is_kit_dir, prepare_out_dir
 
 ROWS = {"train": 600, "val": 300, "test": 300}
 
@@ -124,37 +123,6 @@ def test_train_on_two_caches_records_both(two_caches, tmp_path):
     assert [c["path"] for c in config["caches"]] == [str(a.resolve()), str(b.resolve())]
     assert [c["columns"] for c in config["caches"]] == [[0, 16], [16, 24]]
     assert torch.load(out / "head.pt", weights_only=True)["in_dim"] == 24
-
-
-def test_overwrite_replaces_only_the_kits_own_folders(two_caches, tmp_path):
-    thesis = tmp_path / "thesis"
-    thesis.mkdir()
-    (thesis / "chapter1.tex").write_text("years of work")
-    result = call_main("heads.train", "--cache", two_caches[0], "--out", thesis, "--overwrite")
-    assert result.returncode == 2 and "did not write" in result.stderr and str(thesis) in result.stderr
-    assert (thesis / "chapter1.tex").read_text() == "years of work"
-    # a user's folder that happens to be called <out>.partial is not deleted either
-    users_partial = tmp_path / "run.partial"
-    users_partial.mkdir()
-    (users_partial / "notes.txt").write_text("mine")
-    result = call_main("heads.train", "--cache", two_caches[0], "--out", tmp_path / "run")
-    assert result.returncode == 2 and "run.partial" in result.stderr and (users_partial / "notes.txt").exists()
-    # an --out that is a regular file: one line, nothing written
-    plain_file = tmp_path / "file.txt"
-    plain_file.write_text("x")
-    result = call_main("heads.train", "--cache", two_caches[0], "--out", plain_file)
-    assert result.returncode == 2 and "is a file" in result.stderr and plain_file.read_text() == "x"
-    # the kit's own run is replaced with --overwrite, and a kit-made partial is cleaned up
-    run = tmp_path / "kit"
-    call_main("heads.train", "--cache", two_caches[0], "--out", run, "--max-epochs", "1", "--bootstrap", "5",
-              check_rc=0)
-    assert is_kit_dir(run) and (run / KIT_MARKER).exists()
-    prepare_out_dir(run, overwrite=True)  # as a killed run would leave it
-    assert is_kit_dir(tmp_path / "kit.partial")
-    first = (run / "metrics.json").stat().st_mtime_ns
-    call_main("heads.train", "--cache", two_caches[0], "--out", run, "--max-epochs", "1", "--bootstrap", "5",
-              "--overwrite", check_rc=0)
-    assert (run / "metrics.json").stat().st_mtime_ns != first and not (tmp_path / "kit.partial").exists()
 
 
 def _rescale_features(path, *, scale: float, offset: float) -> None:
