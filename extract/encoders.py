@@ -11,7 +11,11 @@
 `--weights`: `pretrained` (the family's own pretrained weights, through its own download and
 cache; `imagenet` is an alias), a torchvision weights enum name (IMAGENET1K_V1 ...), a local
 file or folder (offline clusters; its sha256 is recorded), or `none` (seeded random
-initialisation, for tests only).
+initialisation, for tests only). Local weights are checked before they are trusted: a file
+that is no state dict, or whose parameter names or shapes do not fit the architecture, is
+refused (`read_state_dict`, `load_checked`), never loaded into a half-random network. Where
+the Hugging Face hub cannot be reached (or HF_HUB_OFFLINE is set), timm and hf: encoders use
+only what is cached on this machine and say where to put what is missing.
 
 Every encoder turns a batch of gray images in [0, 1] at its input size into one (B, D)
 float feature: `Encoder.embed`. What it did to get there (channels, size, resize rule, value
@@ -20,11 +24,19 @@ records and its fingerprint covers.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import importlib
+import inspect
+import json
+import math
+import os
 import re
+import socket
+import sys
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -34,15 +46,19 @@ import torch.nn.functional as F
 import torchvision
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from extract.images import IMAGENET_MEAN, IMAGENET_STD
 from extract.nih import file_sha256
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_BACKBONE = "resnet50"
 POOLINGS = ("cls", "mean", "cls+mean")
 # Random weights must be the same in every process, or a resumed or sharded extraction
 # would mix features from two different networks.
 RANDOM_WEIGHTS_SEED = 0
 PRETRAINED = ("pretrained", "imagenet", "default")
+# Seconds to wait for the Hugging Face hub to accept a connection before working offline:
+# without this check, an unreachable hub costs a long series of retries before the error.
+HUB_PROBE_SECONDS = 3.0
 # torchxrayvision's weights were trained on NIH ChestX-ray14 under a random image split that
 # includes the official test images (mlmed/torchxrayvision issue tracker).
 XRV_WARNING = ("torchxrayvision weights were trained on NIH ChestX-ray14 images including the "
@@ -99,6 +115,7 @@ class Encoder:
     weights: dict                   # {"weights": ..., "weights_sha256": ...}
     warning: str = ""
     block_dims: tuple = ()
+    weights_tag: str = ""           # in the default cache name: "" for the family's pretrained default
 
     @property
     def feature_dim(self) -> int:
@@ -137,10 +154,14 @@ def pool_tokens(tokens: torch.Tensor, pooling: str, *, prefix_tokens: int = 1) -
     return torch.cat([cls, patches.mean(dim=1)], dim=1)
 
 
-def pool_block(output, pooling: str) -> torch.Tensor:
+def pool_block(output, pooling: str, *, layer: str = "") -> torch.Tensor:
     """A module's output pooled to (B, d): feature maps averaged over space, tokens by `pooling`."""
-    if isinstance(output, (tuple, list)):
+    if isinstance(output, (tuple, list)) and output:
         output = output[0]
+    if not isinstance(output, torch.Tensor) or output.dim() < 2:
+        kind = type(output).__name__ if not isinstance(output, torch.Tensor) else f"{output.dim()}-d tensor"
+        raise EncoderError(f"--layers {layer}: its output is a {kind}, not a feature map or tokens per "
+                           f"image; name a module that outputs one")
     if output.dim() == 4:
         return output.float().mean(dim=(2, 3))
     if output.dim() == 3:
@@ -158,36 +179,67 @@ class PooledLayers(torch.nn.Module):
         self._captured = {}
         known = dict(net.named_modules())
         for name in layers:
-            if name not in known:
+            if name not in known or not name:
                 top = [n for n, _ in net.named_children()]
                 raise EncoderError(f"--layers {name}: no such module in this encoder; its top-level "
                                    f"modules are {', '.join(top[:12])} (nested names use dots)")
             known[name].register_forward_hook(functools.partial(self._capture, name))
+        self.hooked = tuple(known[name] for name in layers)
 
     def _capture(self, name, module, args, output):
-        self._captured[name] = output
+        # pooled at once: a later in-place op (ResNet's ReLU after bn1) would change the tensor
+        self._captured[name] = pool_block(output, self.pooling, layer=name)
 
     def forward(self, inputs):
         output = self.net(inputs)
         if not self.layers:
             return [pool_block(output, self.pooling)]
         captured, self._captured = self._captured, {}
-        return [pool_block(captured[name], self.pooling) for name in self.layers]
+        silent = [name for name in self.layers if name not in captured]
+        if silent:
+            raise EncoderError(f"--layers {','.join(silent)}: not run in this encoder's forward pass, so "
+                               f"it gives no feature; name modules that run (e.g. a ResNet's layer1..layer4)")
+        return [captured[name] for name in self.layers]
 
 
-def _folder_sha256(folder: Path) -> str:
+def weights_sha256(path) -> str:
+    """The sha256 a cache records for local weights: of the file, or for a folder (a Hugging
+    Face save_pretrained folder) of every file in it that can decide the features: config,
+    processor config and weights, each by its relative name and content. Model cards,
+    licences and hidden folders (download metadata) are left out."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
     digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        digest.update(file_sha256(path).encode())
+    for file in _feature_deciding_files(path):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
     return digest.hexdigest()
+
+
+def _feature_deciding_files(folder: Path) -> list:
+    files = []
+    for file in sorted(folder.rglob("*")):
+        relative = file.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or not file.is_file():
+            continue
+        if file.suffix.lower() == ".md" or file.name.upper().startswith(("LICENSE", "NOTICE")):
+            continue
+        files.append(file)
+    return files
+
+
+def _seeded(build: Callable) -> torch.nn.Module:
+    """build() with the random generator fixed: whatever a build leaves initialised at random
+    is the same network in every process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        return build()
 
 
 def _random_init(build: Callable) -> torch.nn.Module:
     warnings.warn("--weights none: RANDOM encoder weights; features are meaningless beyond "
                   "testing the pipeline", stacklevel=3)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        return build()
+    return _seeded(build)
 
 
 def _local_weights(spec: str) -> Path:
@@ -201,8 +253,7 @@ def _local_weights(spec: str) -> Path:
 def describe_local_weights(spec: str) -> dict:
     """What the cache records about a local weights file or folder: its name and sha256."""
     path = _local_weights(spec)
-    sha = _folder_sha256(path) if path.is_dir() else file_sha256(path)
-    return {"weights": f"file:{path.name}", "weights_sha256": sha}
+    return {"weights": f"file:{path.name}", "weights_sha256": weights_sha256(path)}
 
 
 def _weights_record(spec: str, pretrained_name: str) -> dict:
@@ -213,46 +264,118 @@ def _weights_record(spec: str, pretrained_name: str) -> dict:
     return describe_local_weights(spec)
 
 
-def load_state_dict_file(model: torch.nn.Module, path: Path, *, what: str, ignore_prefixes=()) -> None:
-    """Load a local state dict (weights_only: nothing is unpickled), ignoring classifier keys."""
+def weights_tag(record: dict, *, family_default: bool) -> str:
+    """How a cache's default name tells these weights apart: nothing for the family's
+    pretrained default, `random` for --weights none, else the file's stem and a short sha256."""
+    if family_default:
+        return ""
+    if record["weights"].startswith("random("):
+        return "random"
+    if record["weights"].startswith("file:"):
+        return f"{Path(record['weights'][5:]).stem}-{record['weights_sha256'][:8]}"
+    return record["weights"].rpartition(":")[2].lower()
+
+
+def _first_line(err: Exception, limit: int = 200) -> str:
+    """An exception as one short line: its type and its message's words."""
+    text = " ".join(str(err).split())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def read_state_dict(path: Path) -> dict:
+    """A local weights file as {name: tensor}, checked before it is trusted: torch.load with
+    weights_only (nothing is unpickled) or safetensors; a training checkpoint's `state_dict`
+    or `model` entry; DataParallel's `module.` prefix dropped."""
+    if path.is_dir():
+        raise EncoderError(f"--weights {path}: a folder; this encoder takes one weights file (.pth, .pt, "
+                           f".safetensors)")
+    if path.stat().st_size == 0:
+        raise EncoderError(f"--weights {path}: the file is empty; pass a state dict saved with torch.save")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a bad file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EncoderError(f"--weights {path}: not a loadable state dict ({reason}); pass a .pth/.pt "
-                           f"state dict saved with torch.save") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise EncoderError(f"--weights {path}: not a state dict (a {type(state).__name__})")
-    ignored = lambda key: any(key.startswith(p) for p in ignore_prefixes)  # noqa: E731
-    state = {key: value for key, value in state.items() if not ignored(key)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [key for key in missing if not ignored(key)]
-    if missing or unexpected:
-        raise EncoderError(f"--weights {path}: not a {what} state dict (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch and safetensors raise many types for a bad file
+        raise EncoderError(f"--weights {path}: not a loadable state dict ({_first_line(err)}); pass a "
+                           f".pth/.pt state dict saved with torch.save") from None
+    for key in ("state_dict", "model"):  # training checkpoints wrap the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state:
+        kind = "an empty dict" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise EncoderError(f"--weights {path}: not a state dict of named tensors (it holds {kind}); pass "
+                           f"model.state_dict() saved with torch.save")
+    foreign = [repr(key) for key, value in state.items()
+               if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+    if foreign:
+        raise EncoderError(f"--weights {path}: not a state dict of named tensors ({_few(foreign)} are not "
+                           f"tensors); pass model.state_dict() saved with torch.save")
+    if all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
 
 
-def fold_batchnorm(model: torch.nn.Module) -> None:
+def _few(names, shown: int = 3) -> str:
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(map(str, names[:shown])) + more
+
+
+def refuse_mismatched_keys(*, source: str, what: str, missing=(), unexpected=(), wrong_shape=()) -> None:
+    """One EncoderError naming a few keys when the weights do not fit the architecture: a
+    model loaded from them would keep random parameters and still be recorded as trained."""
+    found = [(label, sorted(keys)) for label, keys in
+             (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong_shape)) if keys]
+    if found:
+        detail = "; ".join(f"{label}: {_few(keys)}" for label, keys in found)
+        raise EncoderError(f"{source}: its parameter names do not match {what} ({detail}); pass weights "
+                           f"saved from this architecture")
+
+
+def load_checked(model: torch.nn.Module, state: dict, *, path, what: str, optional_prefixes=()) -> None:
+    """Load `state` into `model`, refusing any missing, unexpected or reshaped parameter except
+    those under `optional_prefixes` (a classifier the encoder does not use)."""
+    optional = lambda key: key.startswith(tuple(optional_prefixes))  # noqa: E731
+    expected = model.state_dict()
+    refuse_mismatched_keys(
+        source=f"--weights {path}", what=what,
+        missing=[key for key in expected if key not in state and not optional(key)],
+        unexpected=[key for key in state if key not in expected and not optional(key)],
+        wrong_shape=[key for key in state if key in expected and state[key].shape != expected[key].shape])
+    model.load_state_dict({key: value for key, value in state.items() if key in expected}, strict=False)
+
+
+def load_state_dict_file(model: torch.nn.Module, path: Path, *, what: str, optional_prefixes=()) -> None:
+    """Load a local weights file into `model` (see `read_state_dict` and `load_checked`)."""
+    load_checked(model, read_state_dict(path), path=path, what=what, optional_prefixes=optional_prefixes)
+
+
+def fold_batchnorm(model: torch.nn.Module, *, keep=()) -> None:
     """Fold each frozen BatchNorm into the convolution right before it: the same function with
-    one op fewer per layer (measured 8% faster on CPU for ResNet50; features agree to float
-    rounding). Folds ResNet blocks (convN -> bnN) and Conv2d -> BatchNorm2d in Sequentials;
-    norm-before-conv designs (DenseNet) have nothing to fold."""
+    one op fewer per layer (features agree to float rounding). Folds ResNet blocks
+    (convN -> bnN) and Conv2d -> BatchNorm2d in Sequentials; norm-before-conv designs
+    (DenseNet) have nothing to fold. A pair with a module in `keep` (one that --layers reads)
+    stays as it is: folding would compute its output no more."""
+    kept = {id(module) for module in keep}
+    foldable = lambda conv, bn: (isinstance(conv, torch.nn.Conv2d) and type(bn) is torch.nn.BatchNorm2d  # noqa: E731
+                                 and id(conv) not in kept and id(bn) not in kept)
     resnet_parts = (torchvision.models.ResNet, torchvision.models.resnet.BasicBlock,
                     torchvision.models.resnet.Bottleneck)
     for parent in list(model.modules()):
         if isinstance(parent, resnet_parts):
             for index in (1, 2, 3):
                 conv, bn = getattr(parent, f"conv{index}", None), getattr(parent, f"bn{index}", None)
-                if isinstance(conv, torch.nn.Conv2d) and type(bn) is torch.nn.BatchNorm2d:
+                if foldable(conv, bn):
                     setattr(parent, f"conv{index}", fuse_conv_bn_eval(conv, bn))
                     setattr(parent, f"bn{index}", torch.nn.Identity())
         if isinstance(parent, torch.nn.Sequential):
             children = list(parent.named_children())
             for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
                 # exact type: timm's BatchNormAct2d also applies an activation
-                if isinstance(conv, torch.nn.Conv2d) and type(bn) is torch.nn.BatchNorm2d:
+                if foldable(conv, bn):
                     setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
                     setattr(parent, bn_name, torch.nn.Identity())
 
@@ -298,13 +421,14 @@ def _torchvision(name, *, weights, image_size, layers, pooling) -> Encoder:
     elif chosen is not None:
         net = _torchvision_pretrained(name, chosen)
     else:
-        net = torchvision.models.get_model(name, weights=None)
+        net = _seeded(lambda: torchvision.models.get_model(name, weights=None))
         load_state_dict_file(net, _local_weights(weights), what=name,
-                             ignore_prefixes=("fc.", "classifier.", "heads.", "head."))
+                             optional_prefixes=("fc.", "classifier.", "heads.", "head."))
     if not layers:
         _drop_last_linear(net)
     return Encoder(backbone=name, model=PooledLayers(net, layers, pooling), preprocessing=Preprocessing(image_size or 224),
-                   layers=layers, blocks=layers or ("pooled",), pooling=pooling, weights=record)
+                   layers=layers, blocks=layers or ("pooled",), pooling=pooling, weights=record,
+                   weights_tag=weights_tag(record, family_default=chosen is enum.DEFAULT))
 
 
 def _torchvision_pretrained(name: str, weights) -> torch.nn.Module:
@@ -319,18 +443,41 @@ def _torchvision_pretrained(name: str, weights) -> torch.nn.Module:
         ) from err
 
 
+def hub_unreachable() -> str:
+    """Why the Hugging Face hub cannot be used now ('' when it can): HF_HUB_OFFLINE (or
+    TRANSFORMERS_OFFLINE) set, or its endpoint (or the proxy in the way) refusing a connection
+    within HUB_PROBE_SECONDS."""
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{variable} is set"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    proxy = next((os.environ[name] for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(name)), "")
+    target = urllib.parse.urlsplit(proxy or endpoint)
+    try:
+        port = target.port or (443 if target.scheme == "https" else 80)
+        with socket.create_connection((target.hostname, port), timeout=HUB_PROBE_SECONDS):
+            return ""
+    except (OSError, ValueError) as err:
+        return f"{proxy or endpoint} does not answer ({getattr(err, 'strerror', None) or err})"
+
+
 def _timm(name, *, weights, image_size, layers, pooling) -> Encoder:
     import timm
     options = {"num_classes": 0}
-    if weights.lower() not in PRETRAINED + ("none",):
-        options["pretrained_cfg_overlay"] = {"file": str(_local_weights(weights))}
     if image_size:
         options["img_size"] = image_size  # ViTs resample their position embeddings
-    pretrained = weights.lower() != "none"
+    local = weights.lower() not in PRETRAINED + ("none",)
+    if weights.lower() in PRETRAINED:
+        offline = hub_unreachable()
+        if offline:  # only what is already on this machine, found without asking the network
+            options["pretrained_cfg_overlay"] = {"file": str(_timm_cached_weights(timm, name, offline))}
 
     def create():
-        net_builder = lambda: timm.create_model(name, pretrained=pretrained, **options)  # noqa: E731
-        return net_builder() if pretrained else _random_init(net_builder)
+        if weights.lower() in PRETRAINED:
+            return timm.create_model(name, pretrained=True, **options)
+        build = lambda: timm.create_model(name, pretrained=False, **options)  # noqa: E731
+        return _seeded(build) if local else _random_init(build)
 
     try:
         try:
@@ -341,10 +488,12 @@ def _timm(name, *, weights, image_size, layers, pooling) -> Encoder:
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise EncoderError(f"--backbone timm:{name}: timm has no such model ({err})") from None
-        raise EncoderError(f"--backbone timm:{name}: cannot load its weights ({err})") from err
+        raise EncoderError(f"--backbone timm:{name}: cannot load its weights ({_first_line(err)})") from None
     except OSError as err:
-        raise EncoderError(f"cannot fetch timm:{name} weights ({err}); offline, pass --weights with a "
-                           f"local weights file") from err
+        raise EncoderError(f"cannot fetch timm:{name} weights ({_first_line(err)}); offline, pass --weights with "
+                           f"a local weights file") from None
+    if local:
+        _load_timm_file(net, _local_weights(weights), what=f"timm:{name}")
     config = timm.data.resolve_data_config({}, model=net)
     interpolation = config.get("interpolation", "bilinear")
     preprocessing = Preprocessing(size=image_size or int(config["input_size"][-1]),
@@ -353,21 +502,72 @@ def _timm(name, *, weights, image_size, layers, pooling) -> Encoder:
     tag = getattr(net, "pretrained_cfg", {}).get("tag") or "default"
     record = _weights_record(weights, f"timm:{name}.{tag}")
     return Encoder(backbone=f"timm:{name}", model=PooledLayers(net, layers, pooling), preprocessing=preprocessing,
-                   layers=layers, blocks=layers or ("pooled",), pooling=pooling, weights=record)
+                   layers=layers, blocks=layers or ("pooled",), pooling=pooling, weights=record,
+                   weights_tag=weights_tag(record, family_default=weights.lower() in PRETRAINED))
+
+
+def _load_timm_file(net: torch.nn.Module, path: Path, *, what: str) -> None:
+    """A local file into a timm model, as timm's own loader would (its model's checkpoint
+    filter first: original-format checkpoints, position embeddings at another size), but
+    refusing weights that do not fit, where timm's loader skips them silently when the
+    classifier differs."""
+    state = read_state_dict(path)
+    model_module = sys.modules.get(type(net).__module__)
+    checkpoint_filter = getattr(model_module, "checkpoint_filter_fn", None)
+    if checkpoint_filter is not None:
+        try:
+            state = checkpoint_filter(dict(state), net)
+        except Exception:  # a foreign checkpoint: the key check below names what is wrong
+            pass
+    classifiers = getattr(net, "pretrained_cfg", {}).get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    load_checked(net, state, path=path, what=what, optional_prefixes=tuple(f"{c}." for c in classifiers))
+
+
+def _timm_cached_weights(timm, name: str, offline: str) -> Path:
+    """Where timm keeps `name`'s pretrained file on this machine; an EncoderError saying where
+    to put it when it is not there."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+    if cfg.get("hf_hub_id"):
+        import huggingface_hub
+        repo, _, revision = cfg["hf_hub_id"].partition("@")
+        names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
+        for filename in names:
+            found = huggingface_hub.try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return Path(found)
+        where = (f"the Hugging Face cache {huggingface_hub.constants.HF_HUB_CACHE} "
+                 f"(`hf download {repo}` on a connected machine, then copy that folder)")
+    elif cfg.get("url"):
+        filename = cfg["url"].rsplit("/", 1)[-1]
+        found = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        if found.is_file():
+            return found
+        where = f"{found} (downloaded from {cfg['url']})"
+    else:
+        raise EncoderError(f"--backbone timm:{name}: timm knows no pretrained weights for it; pass --weights "
+                           f"with a local weights file")
+    raise EncoderError(f"timm:{name}: pretrained weights are not on this machine and the hub cannot be reached "
+                       f"({offline}); put them in {where}, or pass --weights /path/to/weights-file")
 
 
 class _HFEncoder(torch.nn.Module):
     """A transformers vision model: CLS / patch-mean of the last hidden state, or of the last
-    k blocks (each through the model's final norm, as DINOv2's linear evaluation does)."""
+    k blocks (each through the model's final norm, as DINOv2's linear evaluation does). Models
+    whose forward can resample their position embeddings (ViT, DeiT, ...) are asked to, so
+    that they run at any --image-size, as DINOv2 always does."""
 
     def __init__(self, net, *, last_blocks: int, pooling: str):
         super().__init__()
         self.net, self.last_blocks, self.pooling = net, last_blocks, pooling
         self.norm = getattr(net, "layernorm", None)
         self.prefix = 1 + int(getattr(net.config, "num_register_tokens", 0) or 0)
+        accepted = inspect.signature(net.forward).parameters
+        self.options = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in accepted else {}
 
     def forward(self, inputs):
-        out = self.net(pixel_values=inputs, output_hidden_states=self.last_blocks > 0)
+        out = self.net(pixel_values=inputs, output_hidden_states=self.last_blocks > 0, **self.options)
         if not self.last_blocks:
             return [pool_tokens(out.last_hidden_state, self.pooling, prefix_tokens=self.prefix)]
         blocks = out.hidden_states[-self.last_blocks:]
@@ -376,45 +576,141 @@ class _HFEncoder(torch.nn.Module):
         return [pool_tokens(block, self.pooling, prefix_tokens=self.prefix) for block in blocks]
 
 
+# Parameters an encoder never uses, so weights may lack them (pooler) or carry them (the
+# classifier of a *ForImageClassification checkpoint).
+HF_OPTIONAL_PREFIXES = ("pooler.", "classifier.", "head.", "heads.", "fc.")
+
+
 def _hf(name, *, weights, image_size, layers, pooling) -> Encoder:
-    import transformers
     last_blocks = _last_blocks(layers, backbone=f"hf:{name}")
-    source = name
-    if weights.lower() not in PRETRAINED + ("none",):
-        source = str(_local_weights(weights))
-    try:
-        processor = transformers.AutoImageProcessor.from_pretrained(source)
-        if weights.lower() == "none":
-            config = transformers.AutoConfig.from_pretrained(source)
-            net = _random_init(lambda: transformers.AutoModel.from_config(config))
-        else:
-            net = transformers.AutoModel.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise EncoderError(f"--backbone hf:{name}: cannot load it ({str(err).splitlines()[0]}); offline, "
-                           f"use hf:/path/to/a/folder saved with save_pretrained, or set HF_HOME to a "
-                           f"filled cache") from None
+    local = weights.lower() not in PRETRAINED + ("none",)
+    source = str(_local_weights(weights)) if local else name
+    folder = Path(source) if Path(source).is_dir() else None
+    if folder is not None:
+        _check_hf_folder(folder)
+    offline = "" if folder is not None else hub_unreachable()
+    processor, net = _hf_load(name, source=source, folder=folder, random=weights.lower() == "none",
+                              offline=offline)
     depth = getattr(net.config, "num_hidden_layers", None)
     if depth and last_blocks > depth:
         raise EncoderError(f"--layers last:{last_blocks}: hf:{name} has {depth} blocks; use last:1 .. last:{depth}")
     net.eval()
-    size = image_size or _processor_size(processor)
-    preprocessing = Preprocessing(size=size, interpolation="bicubic" if getattr(processor, "resample", 2) == 3
-                                  else "bilinear",
-                                  mean=tuple(processor.image_mean), std=tuple(processor.image_std))
+    preprocessing = _hf_preprocessing(processor, image_size=image_size,
+                                      where=f"{folder / 'preprocessor_config.json'}" if folder else f"hf:{name}")
     commit = getattr(net.config, "_commit_hash", None)
     record = _weights_record(weights, f"hf:{name}" + (f"@{commit}" if commit else ""))
-    if weights.lower() in PRETRAINED and Path(name).is_dir():
-        record["weights_sha256"] = _folder_sha256(Path(name))
+    if weights.lower() in PRETRAINED and folder is not None:
+        record["weights_sha256"] = weights_sha256(folder)
     names = tuple(f"block{-k}" for k in range(last_blocks, 0, -1)) if last_blocks else ("last_hidden_state",)
     return Encoder(backbone=f"hf:{name}", model=_HFEncoder(net, last_blocks=last_blocks, pooling=pooling),
-                   preprocessing=preprocessing, layers=layers, blocks=names, pooling=pooling, weights=record)
+                   preprocessing=preprocessing, layers=layers, blocks=names, pooling=pooling, weights=record,
+                   weights_tag=weights_tag(record, family_default=weights.lower() in PRETRAINED))
 
 
-def _processor_size(processor) -> int:
+def _check_hf_folder(folder: Path) -> None:
+    """A local folder must hold what save_pretrained writes, each file a JSON object where
+    JSON is expected: checked before transformers reads it."""
+    if not (folder / "config.json").is_file():
+        raise EncoderError(f"{folder}: no config.json; pass a folder written by save_pretrained")
+    for name in ("config.json", "preprocessor_config.json", "processor_config.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise EncoderError(f"{path}: not readable JSON ({_first_line(err)})") from None
+        if not isinstance(loaded, dict):
+            raise EncoderError(f"{path}: not a JSON object (a {type(loaded).__name__})")
+
+
+def _hf_load(name: str, *, source: str, folder, random: bool, offline: str):
+    """(image processor, model) from a folder or the hub; refuses weights that leave any used
+    parameter untrained (transformers would initialise it at random and only log it)."""
+    import transformers
+    options = {"local_files_only": True} if offline else {}
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(source, **options)
+        config = transformers.AutoConfig.from_pretrained(source, **options)
+        if random:
+            return processor, _random_init(lambda: transformers.AutoModel.from_config(config))
+        with _transformers_quiet(transformers):  # its loading report is checked below, not printed
+            net, info = transformers.AutoModel.from_pretrained(source, config=config, output_loading_info=True,
+                                                               **options)
+    except EncoderError:
+        raise
+    except Exception as err:  # transformers raises many types for files it cannot use
+        if offline:
+            import huggingface_hub
+            raise EncoderError(
+                f"hf:{name}: not in the Hugging Face cache {huggingface_hub.constants.HF_HUB_CACHE} and the hub "
+                f"cannot be reached ({offline}); run `hf download {name}` on a connected machine and "
+                f"copy the cache here, or save the model with save_pretrained and pass --backbone "
+                f"hf:/path/to/folder") from None
+        if folder is None:
+            raise EncoderError(f"--backbone hf:{name}: cannot load it ({_first_line(err)}); offline, use "
+                               f"hf:/path/to/a/folder saved with save_pretrained, or set HF_HOME to a filled "
+                               f"cache") from None
+        raise EncoderError(f"{folder}: cannot build the model from it ({_first_line(err)}); check its config.json, "
+                           f"preprocessor_config.json and weights files, or save it again with "
+                           f"save_pretrained") from None
+    optional = lambda key: key.startswith(HF_OPTIONAL_PREFIXES)  # noqa: E731
+    refuse_mismatched_keys(source=str(folder or f"hf:{name}"), what=type(net).__name__,
+                           missing=[key for key in info.get("missing_keys", ()) if not optional(key)],
+                           unexpected=[key for key in info.get("unexpected_keys", ()) if not optional(key)],
+                           wrong_shape=[entry[0] for entry in info.get("mismatched_keys", ())])
+    errors = info.get("error_msgs") or info.get("conversion_errors")
+    if errors:
+        first = next(iter(errors.values() if isinstance(errors, dict) else errors))
+        raise EncoderError(f"{folder or f'hf:{name}'}: its weights do not load ({str(first).splitlines()[0]})")
+    return processor, net
+
+
+@contextlib.contextmanager
+def _transformers_quiet(transformers):
+    """No progress bar and no log table while loading: the kit reports what matters itself."""
+    logging, verbosity = transformers.utils.logging, transformers.utils.logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _hf_preprocessing(processor, *, image_size, where: str) -> Preprocessing:
+    """The processor's resize rule, size and mean/std, checked: 3 finite values each, std > 0."""
+    stats = {}
+    for key in ("image_mean", "image_std"):
+        values = getattr(processor, key, None)
+        if isinstance(values, (int, float)) and not isinstance(values, bool):
+            values = [values] * 3  # a scalar applies to every channel
+        numbers = isinstance(values, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not numbers or len(values) != 3 or (key == "image_std" and min(values) <= 0):
+            raise EncoderError(f"{where}: {key} is {values!r}; it must be 3 finite numbers (one per RGB channel)"
+                               f"{', each above 0' if key == 'image_std' else ''}")
+        stats[key] = tuple(float(v) for v in values)
+    size = image_size or _processor_size(processor, where=where)
+    return Preprocessing(size=size, interpolation="bicubic" if getattr(processor, "resample", 2) == 3 else "bilinear",
+                         mean=stats["image_mean"], std=stats["image_std"])
+
+
+def _processor_size(processor, *, where: str) -> int:
     """The side the processor feeds the model: its crop if it crops, else its resize."""
     size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
     size = size or {}
-    return int(size.get("height") or size.get("shortest_edge") or 224)
+    if not isinstance(size, dict):  # transformers 5 holds sizes in a SizeDict
+        size = {key: getattr(size, key, None) for key in ("height", "width", "shortest_edge")}
+    side = size.get("height") or size.get("shortest_edge") or 224
+    if not isinstance(side, int) or isinstance(side, bool) or not 1 <= side <= 4096:
+        raise EncoderError(f"{where}: size {side!r} is not a side in pixels (1..4096); fix it or pass --image-size")
+    return side
 
 
 def _last_blocks(layers: tuple, *, backbone: str) -> int:
@@ -460,9 +756,9 @@ def _xrv(name, *, weights, image_size, layers, pooling) -> Encoder:
             # pickled whole models, so this trusts torchxrayvision's download
             net = xrv.models.get_model(name)
         else:
-            net = _xrv_architecture(xrv, name)
+            net = _seeded(lambda: _xrv_architecture(xrv, name))
             load_state_dict_file(net.model if name.startswith("resnet") else net, _local_weights(weights),
-                                 what=f"xrv:{name}", ignore_prefixes=("op_threshs",))
+                                 what=f"xrv:{name}", optional_prefixes=("op_threshs",))
     except EncoderError:
         raise
     except Exception as err:  # torchxrayvision raises bare Exceptions for downloads and files
@@ -473,9 +769,10 @@ def _xrv(name, *, weights, image_size, layers, pooling) -> Encoder:
     # torchxrayvision's convention: one channel, values in [-1024, 1024], no further normalization
     preprocessing = Preprocessing(size=image_size or resolution, channels=1, value_range=(-1024.0, 1024.0),
                                   mean=(0.0,), std=(1.0,))
+    record = _weights_record(weights, f"xrv:{name}")
     return Encoder(backbone=f"xrv:{name}", model=_XRVEncoder(net), preprocessing=preprocessing,
-                   layers=(), blocks=("features",), pooling="mean", weights=_weights_record(weights, f"xrv:{name}"),
-                   warning=XRV_WARNING)
+                   layers=(), blocks=("features",), pooling="mean", weights=record, warning=XRV_WARNING,
+                   weights_tag=weights_tag(record, family_default=weights.lower() in PRETRAINED))
 
 
 def _xrv_architecture(xrv, name: str) -> torch.nn.Module:
@@ -534,7 +831,7 @@ def build_encoder(backbone: str = DEFAULT_BACKBONE, *, weights: str = "pretraine
     encoder = FAMILIES[family].build(name, weights=weights, image_size=image_size, layers=tuple(layers),
                                      pooling=pooling)
     encoder.model.eval().requires_grad_(False)
-    fold_batchnorm(encoder.model)
+    fold_batchnorm(encoder.model, keep=getattr(encoder.model, "hooked", ()))
     encoder.model.to(device=device, memory_format=torch.channels_last)
     encoder.block_dims = _measure_block_dims(encoder, device)
     return encoder
@@ -554,29 +851,9 @@ def _measure_block_dims(encoder: Encoder, device: torch.device) -> tuple:
     return tuple(int(block.flatten(1).shape[1]) for block in blocks)
 
 
-def default_cache_path(backbone: str, *, image_size: int, layers=()) -> str:
-    """outputs/cache/<backbone>-<size>[-<layers>].h5, so that variants sit side by side."""
-    parts = [backbone, str(image_size)] + (["+".join(layers)] if layers else [])
+def default_cache_path(backbone: str, *, image_size: int, layers=(), weights_tag: str = "") -> str:
+    """outputs/cache/<backbone>-<size>[-<layers>][-<weights>].h5, so that variants sit side by
+    side: the weights are named unless they are the family's pretrained default."""
+    parts = [backbone, str(image_size)] + (["+".join(layers)] if layers else []) + ([weights_tag] if weights_tag else [])
     name = "-".join(re.sub(r"[^A-Za-z0-9_.+]+", "-", part).strip("-") for part in parts)
     return f"outputs/cache/{name}.h5"
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast
-    is about twice as fast as fp32; elsewhere it is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def resize_gray(gray: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """(H, W) or (B, H, W) uint8 -> float32 in [0, 1] at (size, size), antialiased, whole image."""
-    batch = gray if gray.dim() == 3 else gray[None]
-    scaled = batch[:, None].float().div_(255.0)
-    resized = F.interpolate(scaled, size=(size, size), mode=interpolation, antialias=True, align_corners=False)[:, 0]
-    if interpolation == "bicubic":
-        resized = resized.clamp_(0.0, 1.0)  # bicubic overshoots at edges
-    return resized if gray.dim() == 3 else resized[0]
