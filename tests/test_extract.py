@@ -147,7 +147,7 @@ def test_local_weights_file_is_loaded_and_recorded(synthetic_dir, tmp_path):
     record = model.weights
     assert record["weights"] == "file:resnet50-test.pth" and len(record["weights_sha256"]) == 64
     torch.save({"conv1.weight": state["conv1.weight"]}, tmp_path / "partial.pth")
-    with pytest.raises(encoders.EncoderError, match="not a resnet50 state dict"):
+    with pytest.raises(encoders.EncoderError, match="partial.pth: its parameter names do not match resnet50"):
         encoders.build_encoder("resnet50", weights=str(tmp_path / "partial.pth"))
     result = call_main("extract", "--data-dir", synthetic_dir, "--cache", tmp_path / "c.h5",
                      "--weights", tmp_path / "missing.pth", "--device", "cpu")
