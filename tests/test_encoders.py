@@ -142,14 +142,21 @@ def test_bad_backbone_names_are_one_clear_error(spec, message):
         encoders.build_encoder(spec, weights="none")
 
 
-def test_random_weights_are_seeded_for_every_family(tiny_dinov2):
-    pytest.importorskip("timm")
-    pytest.importorskip("torchxrayvision")
-    for spec in ("resnet50", "timm:test_vit", f"hf:{tiny_dinov2}", "xrv:densenet121-res224-all"):
-        one, two = (encoders.build_encoder(spec, weights="none", image_size=64) for _ in range(2))
-        inputs = one.preprocessing.to_inputs(torch.rand(2, 64, 64))
-        with torch.inference_mode():
-            torch.testing.assert_close(one.embed(inputs), two.embed(inputs))
+@pytest.mark.parametrize("prefix", sorted(encoders.FAMILIES), ids=lambda prefix: prefix or "torchvision")
+def test_every_registered_family_builds_seeded_random_weights(prefix, tiny_dinov2):
+    """A family is tested by being registered: its example (or, for a family that needs one, a
+    tiny local folder) builds with --weights none, the same network in every process."""
+    family = encoders.FAMILIES[prefix]
+    if family.module:
+        pytest.importorskip(family.module)
+    spec = family.example or f"{prefix}:{tiny_dinov2}"
+    one, two = (encoders.build_encoder(spec, weights="none", image_size=64) for _ in range(2))
+    inputs = one.preprocessing.to_inputs(torch.rand(2, 64, 64))
+    with torch.inference_mode():
+        features = one.embed(inputs)
+        torch.testing.assert_close(features, two.embed(inputs))
+    assert features.shape == (2, one.feature_dim) and torch.isfinite(features).all()
+    assert one.weights_tag == "random" and one.recipe()["block_dims"] == list(one.block_dims)
 
 
 def test_default_cache_path_names_the_variant():
@@ -289,7 +296,8 @@ def _renamed_weights_file(family: str, path):
     return path
 
 
-FAMILY_BACKBONES = {"torchvision": "resnet18", "timm": "timm:test_vit", "xrv": "xrv:densenet121-res224-all"}
+FAMILY_BACKBONES = {name: encoders.FAMILIES[prefix].example for name, prefix in
+                    (("torchvision", ""), ("timm", "timm"), ("xrv", "xrv"))}
 
 
 @pytest.mark.parametrize("family", ["torchvision", "timm", "hf", "xrv"])
