@@ -28,6 +28,7 @@ from torchvision import transforms
 
 import cache
 from benchmarks.table import print_table
+from cache import runtime
 from extract import encoders, images, pipeline
 from extract.nih import index_images
 from extract.synthetic import write_dataset
@@ -117,7 +118,7 @@ def naive_rate(paths, *, device: torch.device) -> float:
     model.fc = torch.nn.Identity()
     model = model.eval().to(device)
     transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-                                    transforms.Normalize(images.IMAGENET_MEAN, images.IMAGENET_STD)])
+                                    transforms.Normalize(encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)])
     batch = []
     start = time.perf_counter()
     with torch.no_grad():
@@ -151,7 +152,7 @@ def model_rate(device: torch.device, *, batch_size: int, image_size: int = 224, 
 def run(args) -> list[dict]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    native_bf16 = device.type == "cuda" or encoders.cpu_has_native_bf16()
+    native_bf16 = device.type == "cuda" or runtime.cpu_has_native_bf16()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(args.data_dir or tmp)
         if not index_images(data_dir):

@@ -3,6 +3,8 @@ versions. One place, so a cache, a run and a search describe themselves the same
 from __future__ import annotations
 
 import platform
+import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +23,21 @@ def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
             raise DeviceUnavailable("--device cuda, but torch sees no CUDA GPU; use --device cpu")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+# Where Linux lists the CPU's feature flags; a module setting so that tests can fake the flags.
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_has_native_bf16(cpuinfo: Path | None = None) -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast
+    is faster than fp32; elsewhere it is emulated and slower. Reads `cpuinfo`
+    (default CPUINFO); a machine without it (macOS, Windows) counts as without."""
+    try:
+        flags = Path(cpuinfo or CPUINFO).read_text(errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 def versions(**extra: str) -> dict:

@@ -1,1 +1,2 @@
-"""Stage 1: NIH ChestX-ray14 images -> frozen ResNet50 -> the HDF5 feature cache."""
+"""Stage 1: chest X-ray images -> a frozen encoder (torchvision, timm, Hugging Face or
+torchxrayvision) -> the HDF5 feature cache."""

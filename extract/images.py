@@ -1,14 +1,17 @@
-"""PNG decoding and the preprocessing every backbone input goes through.
+"""PNG decoding and resizing: the two steps every encoder's input shares, run in the
+DataLoader workers (see `extract.pipeline`).
 
 Images above MAX_PIXELS are refused from their header, before any pixel is decoded: a small
 compressed PNG can declare 13000 x 13000 pixels (338 MB as 16-bit, times one per worker).
 
-Preprocessing, in order (recorded in the cache as `preprocessing`):
-1. decode to one gray channel in [0, 1]: 8-bit gray as is; RGB/RGBA by luminance, alpha
+1. `load_gray`: one gray channel, uint8: 8-bit gray as is; RGB/RGBA by luminance, alpha
    dropped (about 500 NIH images are RGBA); 16-bit by the full uint16 range;
-2. resize the whole image, never cropped, so lung edges stay in, to image_size x image_size,
-   bilinear with antialiasing;
-3. replicate to 3 channels and normalize with the mean/std the weights were trained with.
+2. `resize_gray`: the whole image, never cropped, so lung edges stay in, to the encoder's
+   size x size in [0, 1], antialiased, bilinear or bicubic as the encoder asks.
+
+What follows depends on the encoder and lives with it (`extract.encoders.Preprocessing`):
+the value range, 1 or 3 (replicated) channels, and the mean/std its weights were trained
+with. The cache records the whole recipe as `preprocessing`.
 """
 from __future__ import annotations
 
@@ -19,8 +22,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # 36 megapixels (6000 x 6000): NIH images are 1 MP, other chest X-ray sets at most about 9 MP.
 MAX_PIXELS = 6000 * 6000
 # Rows converted at a time from 16 to 8 bits: the uint32 temporary stays a few MB.
@@ -72,28 +73,12 @@ def _uint16_to_uint8(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def resize_gray(gray: torch.Tensor, image_size: int) -> torch.Tensor:
-    """(H, W) or (B, H, W) uint8 -> float32 in [0, 1] at (image_size, image_size)."""
+def resize_gray(gray: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """(H, W) or (B, H, W) uint8 -> float32 in [0, 1] at (size, size): the whole image, never
+    cropped, antialiased, by `interpolation` (bilinear or bicubic, as the encoder was trained)."""
     batch = gray if gray.dim() == 3 else gray[None]
     scaled = batch[:, None].float().div_(255.0)
-    resized = F.interpolate(scaled, size=(image_size, image_size), mode="bilinear",
-                            antialias=True, align_corners=False)[:, 0]
+    resized = F.interpolate(scaled, size=(size, size), mode=interpolation, antialias=True, align_corners=False)[:, 0]
+    if interpolation == "bicubic":
+        resized = resized.clamp_(0.0, 1.0)  # bicubic overshoots at edges
     return resized if gray.dim() == 3 else resized[0]
-
-
-def normalize(gray: torch.Tensor, mean, std) -> torch.Tensor:
-    """(B, S, S) float gray -> (B, 3, S, S) normalized, channels_last for faster convolutions."""
-    mean = torch.tensor(mean, device=gray.device, dtype=gray.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=gray.device, dtype=gray.dtype).view(1, 3, 1, 1)
-    rgb = gray[:, None].expand(-1, 3, -1, -1)
-    return ((rgb - mean) / std).contiguous(memory_format=torch.channels_last)
-
-
-def preprocessing_record(*, image_size: int, mean, std) -> dict:
-    return {
-        "decode": "gray in [0,1]; RGB/RGBA by luminance (alpha dropped); 16-bit / 257",
-        "resize": f"whole image to {image_size}x{image_size}, bilinear, antialias, no crop",
-        "channels": "gray replicated to 3",
-        "normalize_mean": list(mean),
-        "normalize_std": list(std),
-    }

@@ -13,8 +13,9 @@ import os
 
 import torch
 
+from cache import runtime
 from extract import images
-from extract.encoders import Encoder, cpu_has_native_bf16, resize_gray
+from extract.encoders import Encoder
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Bytes of decoded images in flight between workers and the main process: every worker's
@@ -27,7 +28,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto`: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere."""
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
+    return "bf16" if device.type == "cuda" or runtime.cpu_has_native_bf16() else "fp32"
 
 
 def default_workers() -> int:
@@ -53,7 +54,7 @@ class ImageRows(torch.utils.data.Dataset):
             gray = images.load_gray(path)
         except images.ImageError as err:
             return row, None, str(err)
-        return row, resize_gray(gray, self.size, self.interpolation), ""
+        return row, images.resize_gray(gray, self.size, self.interpolation), ""
 
 
 def collate(items) -> dict:

@@ -37,7 +37,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--split", default="all", choices=["all", *SPLITS],
                         help="which rows to fill (default: all)")
     parser.add_argument("--cache", default=None,
-                        help="the HDF5 cache to create or resume (default: outputs/cache/<backbone>-<size>[-<layers>].h5)")
+                        help="the HDF5 cache to create or resume (default: outputs/cache/<backbone>-<size>[-<layers>]"
+                             "[-<weights>].h5, weights named unless the family's pretrained default)")
     parser.add_argument("--backbone", default=encoders.DEFAULT_BACKBONE,
                         help="a torchvision model (resnet50, densenet121, convnext_tiny, vit_b_16, ...), "
                              "timm:NAME, hf:REPO_OR_DIR or xrv:NAME (see README, Encoders)")
@@ -68,7 +69,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--val-list", default=None,
                         help="take val from this list of image ids (a published split of train_val_list.txt) "
                              "instead of the seeded patient split")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the patient-wise val split")
+    parser.add_argument("--split-seed", type=bounded(int, low=0, high=2**32 - 1), default=0,
+                        help="seed of the patient-wise val split, 0..2**32-1")
     parser.add_argument("--random-split", action="store_true",
                         help="without official split lists, fall back to a seeded patient-wise split")
     parser.add_argument("--labels-csv", default=None, help="label CSV, if not in --data-dir")
@@ -106,12 +108,13 @@ def _extract(args) -> int:
                                          labels_csv=args.labels_csv, val_list=args.val_list)
     encoder = build_encoder(args, device=device, quiet=ranks.rank != 0)
     cache_path = args.cache or encoders.default_cache_path(encoder.backbone, image_size=encoder.preprocessing.size,
-                                                           layers=encoders.parse_layers(args.layers))
+                                                           layers=encoders.parse_layers(args.layers),
+                                                           weights_tag=encoder.weights_tag)
     settings = cache_settings(args, encoder=encoder, provenance=provenance, precision=precision)
     with contextlib.ExitStack() as held:
         def lock_and_prepare():  # rank 0 only; a failure here stops every rank
-            if os.path.exists(cache_path):  # refuse a file that is no cache before making its .lock beside it
-                cache.read_attrs(cache_path)
+            if os.path.exists(cache_path):  # refuse before making a .lock beside it; again once locked
+                refuse_other_settings(cache_path, settings)
             held.enter_context(cache.exclusive_lock(cache_path))
             prepare_cache(cache_path, table=table, settings=settings)
 
@@ -177,6 +180,15 @@ def prepare_cache(path, *, table: dict, settings: dict) -> None:
         cache.create_cache(path, table=table, feature_dim=settings["feature_dim"],
                            feature_dtype=settings["feature_dtype"], attrs=settings)
         return
+    refuse_other_settings(path, settings)
+    merged = cache.merge_parts(path)
+    if merged:
+        print(f"merged {merged} rows that an interrupted run left in part files")
+
+
+def refuse_other_settings(path, settings: dict) -> None:
+    """SettingsMismatch naming each difference when the cache at `path` was made otherwise
+    (CacheError when it is no cache)."""
     stored = cache.read_attrs(path)
     differences = [
         line for key in cache.FINGERPRINT_KEYS if key in settings
@@ -186,9 +198,6 @@ def prepare_cache(path, *, table: dict, settings: dict) -> None:
         raise SettingsMismatch(
             f"{path} was made with other settings; refusing to mix features:\n  "
             + "\n  ".join(differences) + "\nuse another --cache, or the settings it was made with")
-    merged = cache.merge_parts(path)
-    if merged:
-        print(f"merged {merged} rows that an interrupted run left in part files")
 
 
 def _differences(key: str, stored, asked) -> list[str]:

@@ -1,5 +1,6 @@
 """Every encoder family, built from tiny random configurations (no downloads): extracted into a
 cache, described by `cache info`, trained on by heads.train and reproduced by heads.predict."""
+import json
 import sys
 
 import numpy as np
@@ -14,7 +15,7 @@ from extract import encoders
 from extract.synthetic import write_dataset
 
 CPU = torch.device("cpu")
-SMALL = ["--device", "cpu", "--workers", "0", "--batch-size", "16", "--val-fraction", "0.3"]
+SMALL = ["--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-size", "16", "--val-fraction", "0.3"]
 
 
 @pytest.fixture(scope="module")
@@ -141,14 +142,21 @@ def test_bad_backbone_names_are_one_clear_error(spec, message):
         encoders.build_encoder(spec, weights="none")
 
 
-def test_random_weights_are_seeded_for_every_family(tiny_dinov2):
-    pytest.importorskip("timm")
-    pytest.importorskip("torchxrayvision")
-    for spec in ("resnet50", "timm:test_vit", f"hf:{tiny_dinov2}", "xrv:densenet121-res224-all"):
-        one, two = (encoders.build_encoder(spec, weights="none", image_size=64) for _ in range(2))
-        inputs = one.preprocessing.to_inputs(torch.rand(2, 64, 64))
-        with torch.inference_mode():
-            torch.testing.assert_close(one.embed(inputs), two.embed(inputs))
+@pytest.mark.parametrize("prefix", sorted(encoders.FAMILIES), ids=lambda prefix: prefix or "torchvision")
+def test_every_registered_family_builds_seeded_random_weights(prefix, tiny_dinov2):
+    """A family is tested by being registered: its example (or, for a family that needs one, a
+    tiny local folder) builds with --weights none, the same network in every process."""
+    family = encoders.FAMILIES[prefix]
+    if family.module:
+        pytest.importorskip(family.module)
+    spec = family.example or f"{prefix}:{tiny_dinov2}"
+    one, two = (encoders.build_encoder(spec, weights="none", image_size=64) for _ in range(2))
+    inputs = one.preprocessing.to_inputs(torch.rand(2, 64, 64))
+    with torch.inference_mode():
+        features = one.embed(inputs)
+        torch.testing.assert_close(features, two.embed(inputs))
+    assert features.shape == (2, one.feature_dim) and torch.isfinite(features).all()
+    assert one.weights_tag == "random" and one.recipe()["block_dims"] == list(one.block_dims)
 
 
 def test_default_cache_path_names_the_variant():
@@ -157,35 +165,86 @@ def test_default_cache_path_names_the_variant():
         "outputs/cache/hf-microsoft-rad-dino-518-last-4.h5"
     assert encoders.default_cache_path("resnet50", image_size=448, layers=("layer3", "layer4")) == \
         "outputs/cache/resnet50-448-layer3+layer4.h5"
+    # weights other than the family's pretrained default get their own file
+    assert encoders.default_cache_path("resnet50", image_size=224, weights_tag="random") == \
+        "outputs/cache/resnet50-224-random.h5"
+    assert encoders.default_cache_path("timm:vit_small", image_size=224, weights_tag="mine-ab12cd34") == \
+        "outputs/cache/timm-vit_small-224-mine-ab12cd34.h5"
 
 
-def test_cpu_bf16_is_the_default_only_with_native_bf16(monkeypatch):
+# /proc/cpuinfo flag lines of a Sapphire Rapids (AMX, AVX512-BF16) and of an AVX2-only CPU
+NATIVE_BF16_FLAGS = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+NO_BF16_FLAGS = "flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n"
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch, tmp_path):
+    """fake_cpu(flags): the CPU flags the precision detection reads, whatever this machine has."""
+    from cache import runtime
+
+    def fake(flags: str):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\n{flags}")
+        monkeypatch.setattr(runtime, "CPUINFO", cpuinfo)
+    return fake
+
+
+def test_cpu_bf16_is_the_default_only_with_native_bf16(fake_cpu, tmp_path):
+    from cache import runtime
     from extract import pipeline
-    monkeypatch.setattr(encoders, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda: True)
-    assert pipeline.resolve_precision("auto", CPU) == "bf16"
-    monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda: False)
-    assert pipeline.resolve_precision("auto", CPU) == "fp32"
+    fake_cpu(NATIVE_BF16_FLAGS)
+    assert runtime.cpu_has_native_bf16() and pipeline.resolve_precision("auto", CPU) == "bf16"
+    fake_cpu(NO_BF16_FLAGS)  # avx512f alone is not bf16
+    assert not runtime.cpu_has_native_bf16() and pipeline.resolve_precision("auto", CPU) == "fp32"
     assert pipeline.resolve_precision("auto", torch.device("cuda")) == "bf16"
     assert pipeline.resolve_precision("fp16", CPU) == "fp16"
+    assert not runtime.cpu_has_native_bf16(tmp_path / "missing")  # no /proc (macOS): fp32
 
 
-@pytest.fixture(scope="module")
-def tiny_fixed_size_vit(tmp_path_factory):
-    """A transformers ViT that embeds positions for 64 px only (it raises ValueError otherwise)."""
+@pytest.mark.parametrize("flags, expected", [(NATIVE_BF16_FLAGS, "bf16"), (NO_BF16_FLAGS, "fp32")])
+def test_extract_auto_precision_follows_the_cpu_flags(flags, expected, fake_cpu, small_dir, tmp_path):
+    fake_cpu(flags)
+    path = tmp_path / "c.h5"
+    call_main("extract", "--data-dir", small_dir, "--cache", path, "--weights", "none", "--backbone", "resnet18",
+              "--image-size", "32", "--split", "val", *SMALL, "--precision", "auto", check_rc=0)  # the last flag wins
+    assert cache.read_attrs(path)["precision"] == expected
+
+
+def _save_tiny_vit(folder, *, patch_size=16):
+    """A random 2-block transformers ViT for 64 px, saved as save_pretrained does."""
     transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("vit")
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                    intermediate_size=64, patch_size=16, image_size=64)
+                                    intermediate_size=64, patch_size=patch_size, image_size=64)
+    torch.manual_seed(0)
     transformers.ViTModel(config).save_pretrained(folder)
     transformers.ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
     return folder
 
 
-def test_hf_size_it_cannot_take_is_one_line_exit_2(small_dir, tiny_fixed_size_vit, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    return _save_tiny_vit(tmp_path_factory.mktemp("vit"))
+
+
+def test_a_plain_hf_vit_resamples_its_position_embeddings_at_other_sizes(small_dir, tiny_vit, tmp_path):
+    import transformers
+    encoder = encoders.build_encoder(f"hf:{tiny_vit}", weights="pretrained", image_size=96)
+    reference = transformers.ViTModel.from_pretrained(tiny_vit).eval()
+    inputs = encoder.preprocessing.to_inputs(torch.rand(2, 96, 96))
+    with torch.inference_mode():
+        expected = reference(pixel_values=inputs, interpolate_pos_encoding=True).last_hidden_state[:, 0]
+        torch.testing.assert_close(encoder.embed(inputs), expected, rtol=1e-4, atol=1e-5)
+    path = tmp_path / "c.h5"
+    call_main("extract", "--data-dir", small_dir, "--cache", path, "--backbone", f"hf:{tiny_vit}",
+              "--image-size", "96", "--split", "val", *SMALL, check_rc=0)
+    assert cache.read_attrs(path)["image_size"] == 96
+
+
+def test_hf_size_it_cannot_take_is_one_line_exit_2(small_dir, tmp_path):
+    coarse = _save_tiny_vit(tmp_path / "coarse", patch_size=64)  # one 64 px patch: nothing fits in 32 px
     result = call_main("extract", "--data-dir", small_dir, "--cache", tmp_path / "c.h5", "--weights", "none",
-                       "--backbone", f"hf:{tiny_fixed_size_vit}", "--image-size", "96", *SMALL, check_rc=2)
-    assert "--image-size 96" in result.stderr and "leave --image-size out" in result.stderr
+                       "--backbone", f"hf:{coarse}", "--image-size", "32", *SMALL, check_rc=2)
+    assert "--image-size 32" in result.stderr and "leave --image-size out" in result.stderr
     assert not (tmp_path / "c.h5").exists()
 
 
@@ -217,3 +276,212 @@ def test_a_weights_file_torch_cannot_load_is_one_line(tmp_path):
     with pytest.raises(encoders.EncoderError) as caught:
         encoders.build_encoder("resnet18", weights=str(junk), image_size=32)
     assert "not a loadable state dict" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def _one_error_line(result) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
+def _renamed_weights_file(family: str, path):
+    """A weights file of the right architecture whose parameter names are all wrong."""
+    if family == "torchvision":
+        state = torchvision.models.resnet18(weights=None).state_dict()
+    elif family == "timm":
+        state = pytest.importorskip("timm").create_model("test_vit", pretrained=False).state_dict()
+    else:
+        state = pytest.importorskip("torchxrayvision").models.DenseNet(weights=None).state_dict()
+    torch.save({f"encoder.{key}": value for key, value in state.items()}, path)
+    return path
+
+
+FAMILY_BACKBONES = {name: encoders.FAMILIES[prefix].example for name, prefix in
+                    (("torchvision", ""), ("timm", "timm"), ("xrv", "xrv"))}
+
+
+@pytest.mark.parametrize("family", ["torchvision", "timm", "hf", "xrv"])
+def test_weights_whose_names_do_not_fit_are_refused_for_every_family(family, small_dir, tiny_vit, tmp_path):
+    if family == "hf":
+        from safetensors.torch import load_file, save_file
+        import shutil
+        folder = shutil.copytree(tiny_vit, tmp_path / "renamed")
+        state = load_file(folder / "model.safetensors")
+        save_file({f"encoder.{key}": value for key, value in state.items()}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
+        flags, named = ["--backbone", f"hf:{folder}"], str(folder)
+    else:
+        weights = _renamed_weights_file(family, tmp_path / "renamed.pth")
+        flags, named = ["--backbone", FAMILY_BACKBONES[family], "--weights", weights], f"--weights {weights}"
+    result = call_main("extract", "--data-dir", small_dir, "--cache", tmp_path / "c.h5", *flags,
+                       "--image-size", "64", *SMALL)
+    error = _one_error_line(result)
+    assert named in error and "do not match" in error and "missing: " in error and "unexpected: encoder." in error
+    assert not (tmp_path / "c.h5").exists()
+
+
+@pytest.mark.parametrize("family", ["torchvision", "timm", "xrv"])
+def test_a_matching_weights_file_loads_for_every_family(family, tmp_path):
+    """The same file twice gives the same network, and a different file another one."""
+    pytest.importorskip({"torchvision": "torchvision", "timm": "timm", "xrv": "torchxrayvision"}[family])
+    backbone = FAMILY_BACKBONES[family]
+    random = encoders.build_encoder(backbone, weights="none", image_size=64)
+    state = {key: value + 0.01 * torch.randn_like(value) if value.is_floating_point() else value
+             for key, value in torch.load(_plain_state(family, tmp_path), weights_only=True).items()}
+    torch.save(state, tmp_path / "trained.pth")
+    loaded = encoders.build_encoder(backbone, weights=str(tmp_path / "trained.pth"), image_size=64)
+    inputs = loaded.preprocessing.to_inputs(torch.rand(2, 64, 64))
+    with torch.inference_mode():
+        assert not torch.allclose(loaded.embed(inputs), random.embed(inputs))
+    assert loaded.weights["weights"] == "file:trained.pth" and len(loaded.weights["weights_sha256"]) == 64
+
+
+def _plain_state(family, tmp_path):
+    path = tmp_path / "plain.pth"
+    if family == "torchvision":
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    elif family == "timm":
+        torch.save(pytest.importorskip("timm").create_model("test_vit", pretrained=False).state_dict(), path)
+    else:
+        torch.save(pytest.importorskip("torchxrayvision").models.DenseNet(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "the file is empty"),
+    ("tensor", "not a state dict of named tensors (it holds a Tensor)"),
+    ("numbers", "not a state dict of named tensors ('epoch' are not tensors)"),
+    (b"PK\x03\x04 not really a zip", "not a loadable state dict"),
+])
+@pytest.mark.parametrize("backbone", ["timm:test_vit", "resnet18"])
+def test_a_weights_file_that_is_no_state_dict_is_one_line(backbone, content, message, small_dir, tmp_path):
+    if backbone.startswith("timm"):
+        pytest.importorskip("timm")
+    weights = tmp_path / "weights.pth"
+    if content == "tensor":
+        torch.save(torch.zeros(3), weights)
+    elif content == "numbers":
+        torch.save({"epoch": 3}, weights)
+    else:
+        weights.write_bytes(content)
+    result = call_main("extract", "--data-dir", small_dir, "--cache", tmp_path / "c.h5", "--backbone", backbone,
+                       "--weights", weights, "--image-size", "64", *SMALL)
+    error = _one_error_line(result)
+    assert f"--weights {weights}: " in error and message in error
+    assert not (tmp_path / "c.h5").exists()
+
+
+def _break_truncated_weights(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return "model"
+
+
+def _break_config_type(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_size"] = "wide"
+    (folder / "config.json").write_text(json.dumps(config))
+    return "hidden_size"
+
+
+def _break_mean_length(folder):
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    processor["image_mean"] = [0.5, 0.5]
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return "preprocessor_config.json: image_mean is (0.5, 0.5)"
+
+
+def _break_config_json(folder):
+    (folder / "config.json").write_text("[1, 2]")
+    return "config.json: not a JSON object"
+
+
+@pytest.mark.parametrize("damage", [_break_truncated_weights, _break_config_type, _break_mean_length,
+                                    _break_config_json])
+def test_a_damaged_hf_folder_is_one_line_naming_it(damage, small_dir, tiny_vit, tmp_path):
+    import shutil
+    folder = shutil.copytree(tiny_vit, tmp_path / "damaged")
+    expected = damage(folder)
+    result = call_main("extract", "--data-dir", small_dir, "--cache", tmp_path / "c.h5", "--backbone",
+                       f"hf:{folder}", *SMALL)
+    error = _one_error_line(result)
+    assert str(folder) in error and expected in error
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_the_hf_folder_hash_covers_config_processor_and_weights(small_dir, tiny_vit, tmp_path):
+    """An edited config.json (another activation) must not resume a cache of the old network."""
+    import shutil
+    folder = shutil.copytree(tiny_vit, tmp_path / "vit")
+    original = encoders.weights_sha256(folder)
+    (folder / "README.md").write_text("a model card decides nothing")
+    assert encoders.weights_sha256(folder) == original
+    path = tmp_path / "c.h5"
+    flags = ["--data-dir", small_dir, "--cache", path, "--backbone", f"hf:{folder}", *SMALL]
+    call_main("extract", *flags, "--split", "test", check_rc=0)
+    assert cache.read_attrs(path)["weights_sha256"] == original
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_act"] = "relu"
+    (folder / "config.json").write_text(json.dumps(config))
+    edited = encoders.weights_sha256(folder)
+    result = call_main("extract", *flags, "--split", "train")
+    assert result.returncode == 2 and "weights_sha256" in result.stderr
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    processor["image_mean"] = [0.4, 0.4, 0.4]
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    assert len({original, edited, encoders.weights_sha256(folder)}) == 3
+
+
+def test_layers_that_batchnorm_folding_would_remove_are_computed():
+    """conv1 and bn1 of a ResNet are folded into one convolution for speed; named in --layers,
+    they stay, and give exactly their own outputs (bn1 before the in-place ReLU)."""
+    encoder = encoders.build_encoder("resnet18", weights="none", image_size=64, layers=("conv1", "bn1", "layer4"))
+    assert encoder.block_dims == (64, 64, 512)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(encoders.RANDOM_WEIGHTS_SEED)
+        reference = torchvision.models.resnet18(weights=None).eval()
+    _randomize_batchnorm(reference)
+    _randomize_batchnorm(encoder.model.net)
+    inputs = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        conv1 = reference.conv1(inputs)
+        bn1 = reference.bn1(conv1)
+        features = encoder.embed(inputs.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(features[:, :64], conv1.mean(dim=(2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(features[:, 64:128], bn1.mean(dim=(2, 3)), rtol=1e-4, atol=1e-5)
+    assert any(type(m) is torch.nn.Identity for m in encoder.model.net.layer1.modules())  # the rest is folded
+
+
+class _Branches(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.unused = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 3)
+        self.describe = _ReturnsADict()
+
+    def forward(self, inputs):
+        return self.describe(self.stem(inputs))["map"]
+
+
+class _ReturnsADict(torch.nn.Module):
+    def forward(self, inputs):
+        return {"map": inputs}
+
+
+def test_a_layer_that_gives_no_feature_is_one_clear_error():
+    inputs = torch.randn(1, 3, 16, 16)
+    with pytest.raises(encoders.EncoderError, match="--layers unused: not run in this encoder's forward pass"):
+        encoders.PooledLayers(_Branches(), ("stem", "unused"), "cls")(inputs)
+    with pytest.raises(encoders.EncoderError, match="--layers describe: its output is a dict"):
+        encoders.PooledLayers(_Branches(), ("describe",), "cls")(inputs)
+    assert [b.shape for b in encoders.PooledLayers(_Branches(), ("stem",), "cls")(inputs)] == [(1, 4)]
+
+
+def test_weights_tag_names_all_but_the_family_default():
+    record = {"weights": "torchvision:IMAGENET1K_V2", "weights_sha256": ""}
+    assert encoders.weights_tag(record, family_default=True) == ""
+    assert encoders.weights_tag({"weights": "torchvision:IMAGENET1K_V1", "weights_sha256": ""},
+                                family_default=False) == "imagenet1k_v1"
+    assert encoders.weights_tag({"weights": "random(seed=0)", "weights_sha256": ""}, family_default=False) == "random"
+    assert encoders.weights_tag({"weights": "file:chexpert.pth", "weights_sha256": "ab12cd34ef" + "0" * 54},
+                                family_default=False) == "chexpert-ab12cd34"
+    assert encoders.build_encoder("resnet18", weights="none", image_size=32).weights_tag == "random"

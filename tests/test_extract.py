@@ -107,6 +107,14 @@ def test_other_settings_are_refused_naming_the_difference(extracted_cache, synth
     assert result.returncode == 2 and "val_fraction" in result.stderr
 
 
+def test_a_refused_run_leaves_no_lock_file(extracted_cache, synthetic_dir, tmp_path):
+    copy = tmp_path / "copy.h5"
+    shutil.copy(extracted_cache, copy)
+    result = call_main("extract", "--data-dir", synthetic_dir, "--cache", copy, *TINY, "--val-fraction", "0.3")
+    assert result.returncode == 2 and "val_fraction" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.h5"]
+
+
 def test_a_file_that_is_no_cache_is_refused_and_left_alone(synthetic_dir, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
@@ -139,7 +147,7 @@ def test_local_weights_file_is_loaded_and_recorded(synthetic_dir, tmp_path):
     record = model.weights
     assert record["weights"] == "file:resnet50-test.pth" and len(record["weights_sha256"]) == 64
     torch.save({"conv1.weight": state["conv1.weight"]}, tmp_path / "partial.pth")
-    with pytest.raises(encoders.EncoderError, match="not a resnet50 state dict"):
+    with pytest.raises(encoders.EncoderError, match="partial.pth: its parameter names do not match resnet50"):
         encoders.build_encoder("resnet50", weights=str(tmp_path / "partial.pth"))
     result = call_main("extract", "--data-dir", synthetic_dir, "--cache", tmp_path / "c.h5",
                      "--weights", tmp_path / "missing.pth", "--device", "cpu")
@@ -250,6 +258,7 @@ def test_test_split_is_exactly_test_list(extracted_cache, synthetic_dir):
     ("--image-size", "0", "outside [32, 4096]"), ("--image-size", "99999", "outside [32, 4096]"),
     ("--workers", "-1", "outside [0,"), ("--merge-every", "-5", "outside [0,"), ("--part-rows", "0", "outside [1,"),
     ("--batch-size", "x", "'x' is not an integer"), ("--pooling", "max", "invalid choice"),
+    ("--split-seed", "-1", "outside [0, 4294967295]"), ("--split-seed", str(2**64), "outside [0, 4294967295]"),
 ])
 def test_bad_flags_are_one_line_and_exit_2_before_any_work(flag, value, expected, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -261,7 +270,8 @@ def test_bad_flags_are_one_line_and_exit_2_before_any_work(flag, value, expected
 def test_default_cache_is_named_after_the_variant(synthetic_dir, tmp_path):
     result = run_cli("extract", "--data-dir", synthetic_dir, *TINY, "--split", "val", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "outputs" / "cache" / "resnet50-64.h5").exists()
+    # random weights never share the pretrained encoder's resnet50-64.h5
+    assert sorted(p.name for p in (tmp_path / "outputs" / "cache").glob("*.h5")) == ["resnet50-64-random.h5"]
 
 
 def test_val_list_is_the_val_split_and_refuses_mixing(extracted_cache, synthetic_dir, tmp_path):
@@ -330,3 +340,32 @@ def test_a_full_disk_ends_extract_with_one_line_and_exit_1(synthetic_dir, tmp_pa
     assert result.returncode == 1, result.stderr
     assert len(errors) == 1 and errors[0].startswith("error: no space left on device")
     assert "Traceback" not in result.stderr
+
+
+def _extract_offline(data_dir, out, *, backbone, env):
+    """The real CLI in a fresh process, so that the hub libraries read `env` as a user's would."""
+    return subprocess.run([sys.executable, "-m", "extract", "--data-dir", str(data_dir), "--cache", str(out / "c.h5"),
+                           "--backbone", backbone, "--weights", "pretrained", "--device", "cpu"],
+                          cwd=out, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore", HF_HOME=str(out / "hf"),
+                                   **env))
+
+
+@pytest.mark.parametrize("backbone, env, reason", [
+    ("timm:resnet18", {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    ("hf:facebook/dinov2-small", {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    # no proxy, and a port where nothing listens: the hub does not answer
+    ("timm:resnet18", {"HF_ENDPOINT": "http://127.0.0.1:9", "HTTPS_PROXY": "", "https_proxy": "",
+                       "ALL_PROXY": "", "all_proxy": ""}, "http://127.0.0.1:9 does not answer"),
+    ("hf:facebook/dinov2-small", {"HF_ENDPOINT": "http://127.0.0.1:9", "HTTPS_PROXY": "", "https_proxy": "",
+                                  "ALL_PROXY": "", "all_proxy": ""}, "http://127.0.0.1:9 does not answer"),
+])
+def test_pretrained_hub_weights_offline_fail_at_once_saying_where_to_put_them(backbone, env, reason,
+                                                                            synthetic_dir, tmp_path):
+    pytest.importorskip("timm" if backbone.startswith("timm") else "transformers")
+    result = _extract_offline(synthetic_dir, tmp_path, backbone=backbone, env=env)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert reason in errors[0] and str(tmp_path / "hf" / "hub") in errors[0]
+    assert ("--weights /path/to/" if backbone.startswith("timm") else "hf:/path/to/folder") in errors[0]
+    assert not (tmp_path / "c.h5").exists()

@@ -69,12 +69,24 @@ def test_resize_keeps_the_whole_image_and_its_values():
     assert resized[16, 0].item() < 0.3
 
 
-def test_normalize_replicates_gray_and_applies_mean_std():
-    gray = torch.full((2, 4, 4), 0.5)
-    out = images.normalize(gray, images.IMAGENET_MEAN, images.IMAGENET_STD)
-    assert out.shape == (2, 3, 4, 4)
-    expected = [(0.5 - m) / s for m, s in zip(images.IMAGENET_MEAN, images.IMAGENET_STD)]
-    assert torch.allclose(out[0, :, 0, 0], torch.tensor(expected))
+def test_bicubic_resize_stays_in_the_unit_range():
+    gray = torch.zeros((2, 40, 40), dtype=torch.uint8)
+    gray[:, :, 20:] = 255  # a hard edge: bicubic overshoots it unless clamped
+    resized = images.resize_gray(gray, 24, "bicubic")
+    assert resized.shape == (2, 24, 24) and resized.min() >= 0.0 and resized.max() <= 1.0
+    assert resized[0, 0, 0].item() == 0.0 and resized[0, 0, -1].item() > 1 - 1e-6
+
+
+def test_the_pipeline_resizes_with_the_encoders_rule(tmp_path):
+    from extract import encoders, pipeline
+    path = _save(tmp_path, GRAY.astype(np.uint8))
+    rows = pipeline.ImageRows([0], [path], size=16, interpolation="bicubic")
+    _, resized, reason = rows[0]
+    assert reason == "" and torch.equal(resized, images.resize_gray(images.load_gray(path), 16, "bicubic"))
+    prepared = encoders.Preprocessing(size=16).to_inputs(resized[None])
+    expected = [(0.5 - m) / s for m, s in zip(encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)]
+    gray_half = encoders.Preprocessing(size=1).to_inputs(torch.full((1, 1, 1), 0.5))
+    assert prepared.shape == (1, 3, 16, 16) and torch.allclose(gray_half[0, :, 0, 0], torch.tensor(expected))
 
 
 def _zero_png16(path, width, height):
