@@ -6,7 +6,6 @@ official train_val_list.txt by patient, so no patient is ever in two splits.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -15,6 +14,9 @@ import numpy as np
 import pandas as pd
 
 from cache.schema import CLASSES, TEST, TRAIN, VAL
+from extract.datasets import register
+from extract.datasets.table import DatasetError, Options, assert_patient_disjoint, file_sha256, make_rows, choose_patients
+
 NO_FINDING = "No Finding"
 # The v2020 file first: it fixes 181 labels of the 2017 one that many mirrors still serve.
 LABEL_CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv",
@@ -24,15 +26,12 @@ _REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 _DOWNLOAD_HINT = "they come with the NIH download (https://nihcc.app.box.com/v/ChestXray-NIHCC)"
 
 
-class DatasetError(Exception):
-    """The data folder, label CSV or split lists are not what the NIH download contains."""
-
-
 def find_labels_csv(data_dir) -> Path:
     for name in LABEL_CSV_NAMES:
         if (Path(data_dir) / name).exists():
             return Path(data_dir) / name
-    raise DatasetError(f"no label CSV in {data_dir}: expected one of {', '.join(LABEL_CSV_NAMES[:2])} ({_DOWNLOAD_HINT})")
+    raise DatasetError(f"no label CSV in {data_dir}: expected one of {', '.join(LABEL_CSV_NAMES[:2])} ({_DOWNLOAD_HINT})",
+                       missing_files=True)
 
 
 def read_labels_csv(path) -> pd.DataFrame:
@@ -58,11 +57,25 @@ def read_labels_csv(path) -> pd.DataFrame:
         raise DatasetError(f"{path}: image ids appear twice, e.g. {duplicated.iloc[0]}")
     patient_ids = _parse_patient_ids(frame["Patient ID"], path)
     labels = _parse_labels(frame["Finding Labels"], image_ids, path)
-    table = pd.DataFrame({"image_id": image_ids.to_numpy(), "patient_id": patient_ids})
+    table = pd.DataFrame({"image_id": image_ids.to_numpy(), "patient_id": patient_ids, **_metadata(frame)})
     order = np.argsort(table["image_id"].to_numpy(), kind="stable")
     table = table.iloc[order].reset_index(drop=True)
     table.attrs["labels"] = labels[order]
     return table
+
+
+def _metadata(frame: pd.DataFrame) -> dict:
+    """sex, age (years), view and follow-up number where the CSV has them (the 2017 file spells
+    the sex column "Patient Sex" in some mirrors and ages as "058Y")."""
+    n_rows = len(frame)
+    sex_column = next((c for c in ("Patient Gender", "Patient Sex") if c in frame.columns), None)
+    sex = frame[sex_column].str.strip().str.upper() if sex_column else pd.Series([""] * n_rows)
+    age = (pd.to_numeric(frame["Patient Age"].str.strip().str.rstrip("Y"), errors="coerce")
+           if "Patient Age" in frame.columns else pd.Series(np.full(n_rows, np.nan)))
+    view = frame["View Position"].str.strip().str.upper() if "View Position" in frame.columns else [""] * n_rows
+    follow_up = frame["Follow-up #"].str.strip() if "Follow-up #" in frame.columns else [""] * n_rows
+    return {"sex": np.where(np.isin(sex, ["M", "F"]), sex, ""), "age": np.asarray(age, dtype=np.float32),
+            "view": np.asarray(view, dtype=object), "study_id": np.asarray(follow_up, dtype=object)}
 
 
 def _check_image_id(image_id: str, *, where: str) -> None:
@@ -134,7 +147,7 @@ def official_splits(table: pd.DataFrame, *, data_dir, val_fraction: float, seed:
     if val_list is not None:
         is_val = _val_from_list(table, val_list, train_val=train_val, test=test)
     else:
-        val_patients = _choose_patients(table["patient_id"][in_train_val], val_fraction, seed)
+        val_patients = choose_patients(table["patient_id"][in_train_val], val_fraction, seed)
         is_val = table["patient_id"].isin(val_patients).to_numpy()
     split[in_train_val & is_val] = VAL
     split[in_train_val & ~is_val] = TRAIN
@@ -174,29 +187,13 @@ def random_splits(table: pd.DataFrame, *, val_fraction: float, test_fraction: fl
     warnings.warn("using a random patient-wise split: test results are not comparable with "
                   "papers that use the official test_list.txt", stacklevel=2)
     patients = table["patient_id"]
-    test_patients = _choose_patients(patients, test_fraction, seed)
+    test_patients = choose_patients(patients, test_fraction, seed)
     rest = ~patients.isin(test_patients)
-    val_patients = _choose_patients(patients[rest], val_fraction / (1 - test_fraction), seed + 1)
+    val_patients = choose_patients(patients[rest], val_fraction / (1 - test_fraction), seed + 1)
     split = np.full(len(table), TRAIN, dtype=object)
     split[patients.isin(val_patients).to_numpy()] = VAL
     split[patients.isin(test_patients).to_numpy()] = TEST
     return split
-
-
-def _choose_patients(patient_ids: pd.Series, fraction: float, seed: int) -> set:
-    unique = np.unique(patient_ids.to_numpy())
-    chosen = np.random.default_rng(seed).permutation(unique)[: int(round(fraction * len(unique)))]
-    return set(chosen.tolist())
-
-
-def assert_patient_disjoint(patient_ids, splits) -> None:
-    """Raise if any patient has images in two splits: the leak behind inflated published AUCs."""
-    patient_ids, splits = np.asarray(patient_ids), np.asarray(splits)
-    owner = {}
-    for patient, split in zip(patient_ids, splits):
-        if owner.setdefault(patient, split) != split:
-            raise DatasetError(f"patient {patient} is in both {owner[patient]} and {split}: "
-                               f"splits must be patient-wise")
 
 
 def index_images(data_dir) -> dict[str, Path]:
@@ -217,18 +214,10 @@ def index_images(data_dir) -> dict[str, Path]:
     return found
 
 
-def file_sha256(*paths) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def load_dataset(data_dir, *, val_fraction: float, seed: int, random_split: bool = False,
-                 labels_csv=None, val_list=None) -> tuple[dict, dict]:
-    """The cache's row table (image_id, patient_id, labels, split) and its provenance.
+                 labels_csv=None, val_list=None, with_metadata: bool = False) -> tuple[dict, dict]:
+    """The cache's row table (image_id, patient_id, labels, split; with_metadata: also sex,
+    age, view and the follow-up number as study_id) and its provenance.
     `val_list`: a file of image ids that is the val split (instead of the seeded one)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -250,9 +239,35 @@ def load_dataset(data_dir, *, val_fraction: float, seed: int, random_split: bool
     keep = split != ""
     rows = {"image_id": table["image_id"].to_numpy()[keep], "patient_id": table["patient_id"].to_numpy()[keep],
             "labels": labels[keep], "split": split[keep]}
+    if with_metadata:
+        rows.update({key: table[key].to_numpy()[keep] for key in ("sex", "age", "view", "study_id")})
     assert_patient_disjoint(rows["patient_id"], rows["split"])
     provenance = {"source_csv": csv_path.name, "source_csv_sha256": file_sha256(csv_path),
                   "split_lists_sha256": lists_hash, "split_source": source,
                   "val_fraction": float(val_fraction), "split_seed": int(seed),
                   "classes": list(CLASSES)}
     return rows, provenance
+
+
+@register("nih", expects="Data_Entry_2017_v2020.csv (or Data_Entry_2017.csv, .gz), train_val_list.txt, "
+                         "test_list.txt, PNGs in images/ or images_001/images/ ... images_012/images/",
+          markers=("Data_Entry_2017*.csv*", "train_val_list.txt"),
+          options=("views", "labels_csv", "val_list", "random_split"),
+          download="https://nihcc.app.box.com/v/ChestXray-NIHCC")
+def read(data_dir: Path, options: Options) -> tuple[dict, dict]:
+    """The common table: NIH's labels are all known (a finding not listed is a negative), the
+    views PA and AP are the only ones NIH has; an image not found on disk is given its path
+    in images/ (the embed step reports it missing)."""
+    rows, provenance = load_dataset(data_dir, val_fraction=options.val_fraction, seed=options.seed,
+                                    random_split=options.random_split, labels_csv=options.labels_csv,
+                                    val_list=options.val_list, with_metadata=True)
+    found = index_images(data_dir) if len(rows["image_id"]) else {}
+    paths = [str(found[i].relative_to(data_dir)) if i in found else f"images/{i}" for i in rows["image_id"]]
+    table = make_rows(image_id=rows["image_id"], path=paths, patient_id=rows["patient_id"], split=rows["split"],
+                      labels=rows["labels"], sex=rows["sex"], age=rows["age"], view=rows["view"],
+                      study_id=rows["study_id"])
+    if options.views is not None:
+        keep = np.isin(table["view"], options.views)
+        table = {key: value[keep] for key, value in table.items()}
+        provenance["views"] = list(options.views)
+    return table, provenance
