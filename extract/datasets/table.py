@@ -16,6 +16,8 @@ the source files and their sha256, split_source, split_seed, val_fraction.
 """
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
 import os
 import warnings
@@ -104,7 +106,10 @@ def read_csv(path, *, columns, dataset: str, only_columns: bool = False) -> pd.D
             # pandas only warns when a row has more cells than the header, and drops them
             warnings.simplefilter("error", pd.errors.ParserWarning)
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False, usecols=usecols)
-    except (OSError, ValueError, pd.errors.ParserError, pd.errors.ParserWarning, EOFError) as err:
+    except pd.errors.ParserWarning:
+        raise DatasetError(f"{path} line {_first_ragged_line(path)}: more cells than the header has columns; "
+                           f"is it the {dataset} CSV?") from None
+    except (OSError, ValueError, pd.errors.ParserError, EOFError) as err:
         raise DatasetError(f"cannot read {path}: {str(err).splitlines()[0]}; is it the {dataset} CSV?") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in columns if c not in frame.columns]
@@ -114,6 +119,18 @@ def read_csv(path, *, columns, dataset: str, only_columns: bool = False) -> pd.D
     for column in columns:
         frame[column] = stripped(frame[column])
     return frame
+
+
+def _first_ragged_line(path) -> int | str:
+    """The line of the first row whose cell count differs from the header's ("?" if none)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", newline="", errors="replace") as handle:
+        reader = csv.reader(handle)
+        width = len(next(reader, []))
+        for row in reader:
+            if len(row) != width:
+                return reader.line_num
+    return "?"
 
 
 def stripped(column: pd.Series) -> pd.Series:
