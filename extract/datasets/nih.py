@@ -22,6 +22,7 @@ NO_FINDING = "No Finding"
 LABEL_CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv",
                    "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv.gz")
 TRAIN_VAL_LIST, TEST_LIST = "train_val_list.txt", "test_list.txt"
+MAX_AGE = 120  # years; above it an age is a typo, recorded as missing
 _REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 _DOWNLOAD_HINT = "they come with the NIH download (https://nihcc.app.box.com/v/ChestXray-NIHCC)"
 
@@ -72,6 +73,7 @@ def _metadata(frame: pd.DataFrame) -> dict:
     sex = frame[sex_column].str.strip().str.upper() if sex_column else pd.Series([""] * n_rows)
     age = (pd.to_numeric(frame["Patient Age"].str.strip().str.rstrip("Y"), errors="coerce")
            if "Patient Age" in frame.columns else pd.Series(np.full(n_rows, np.nan)))
+    age = age.where(age <= MAX_AGE)  # the 2017 file has a few ages in the hundreds, fixed in v2020
     view = frame["View Position"].str.strip().str.upper() if "View Position" in frame.columns else [""] * n_rows
     follow_up = frame["Follow-up #"].str.strip() if "Follow-up #" in frame.columns else [""] * n_rows
     return {"sex": np.where(np.isin(sex, ["M", "F"]), sex, ""), "age": np.asarray(age, dtype=np.float32),
