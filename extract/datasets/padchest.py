@@ -41,14 +41,14 @@ _QUOTED = re.compile(r"'([^'\\]*)'")
 METHODS = {"physician": ("Physician",), "all": ("Physician", "RNN_model")}
 
 
-def parse_labels(cells: pd.Series, path) -> list:
-    """Each cell as a list of stripped finding names; None for a cell without annotation."""
-    parsed = {}
-    for row, text in enumerate(cells):
-        if text in parsed:
-            continue
+def parse_labels(cells: pd.Series, path) -> tuple[np.ndarray, list]:
+    """(codes, findings): row i's findings are findings[codes[i]], a list of stripped names or
+    None for a cell without annotation. Each distinct cell is parsed once."""
+    codes, texts = pd.factorize(cells.to_numpy(dtype=object))
+    findings = []
+    for code, text in enumerate(texts):
         if text in NO_ANNOTATION:
-            parsed[text] = None
+            findings.append(None)
             continue
         if _SIMPLE_LIST.fullmatch(text):  # the common spelling, read without building a syntax tree
             value = _QUOTED.findall(text)
@@ -58,10 +58,10 @@ def parse_labels(cells: pd.Series, path) -> list:
             except (ValueError, SyntaxError, MemoryError, RecursionError):
                 value = None
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            row = int(np.flatnonzero(codes == code)[0])
             raise DatasetError(f"{path} line {row + 2} column 'Labels': {text[:60]!r} is not a list of finding names")
-        names = [name.strip() for name in value if name.strip()]
-        parsed[text] = names or None
-    return [parsed[text] for text in cells]
+        findings.append([name.strip() for name in value if name.strip()] or None)
+    return codes, findings
 
 
 @register("padchest", expects=f"{CSV_NAMES[0]} (or .gz), PNGs as IMAGEDIR/IMAGEID (folders 0..54) or flat",
@@ -76,13 +76,13 @@ def read(data_dir: Path, options: Options) -> tuple[dict, dict]:
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
         raise DatasetError(f"{csv_path} line {row + 2} column 'ImageID': {frame['ImageID'].iloc[row]!r} appears twice")
-    findings = parse_labels(frame["Labels"], csv_path)
+    codes, findings = parse_labels(frame["Labels"], csv_path)
     classes = sorted({name for names in findings if names for name in names} - {EXCLUDE})
-    annotated = np.array([names is not None for names in findings])
-    excluded = np.array([bool(names) and EXCLUDE in names for names in findings])
+    annotated = np.array([names is not None for names in findings], dtype=bool)[codes]
+    excluded = np.array([bool(names) and EXCLUDE in names for names in findings], dtype=bool)[codes]
     by_method = frame["MethodLabel"].isin(METHODS[label_method]).to_numpy()
     keep = annotated & ~excluded & by_method
-    labels = _multi_hot([findings[i] for i in np.flatnonzero(keep)], classes)
+    labels = _multi_hot(findings, classes)[codes[keep]]
     frame = frame[keep].reset_index(drop=True)
     rows = make_rows(image_id=frame["ImageID"], path=_paths(frame, data_dir),
                      patient_id=frame["PatientID"].to_numpy(dtype=object),
@@ -104,7 +104,7 @@ def _multi_hot(findings: list, classes: list) -> np.ndarray:
     index = {name: i for i, name in enumerate(classes)}
     labels = np.zeros((len(findings), len(classes)), dtype=np.uint8)
     for row, names in enumerate(findings):
-        labels[row, [index[name] for name in names]] = 1
+        labels[row, [index[name] for name in names or () if name in index]] = 1
     return labels
 
 
