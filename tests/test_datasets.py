@@ -336,3 +336,17 @@ def test_vocabulary_maps_each_datasets_spelling_onto_one_name():
     assert set().union(*(set(aliases.values()) for aliases in vocabulary.ALIASES.values())) <= set(vocabulary.SHARED)
     assert set(vocabulary.ALIASES) <= set(datasets.names())
     assert "Pleural Effusion -> Effusion" in vocabulary.describe("chexpert", ["Pleural Effusion", "Pleural Other"])
+
+
+def test_nih_metadata_through_the_registry_and_impossible_ages_missing(tmp_path):
+    dataset_layouts.write_dataset(tmp_path, patients=4, images_per_patient=2, size=16, csv_format="2017")
+    csv = tmp_path / "Data_Entry_2017.csv"
+    lines = csv.read_text().splitlines()
+    fields = lines[1].split(",")
+    fields[4] = "412Y"  # the 2017 file holds a few such ages
+    lines[1] = ",".join(fields)
+    csv.write_text("\n".join(lines) + "\n")
+    rows, _ = datasets.load("nih", tmp_path)
+    first = list(rows["image_id"]).index(fields[0])
+    assert np.isnan(rows["age"][first]) and (~np.isnan(np.delete(rows["age"], first))).all()
+    assert set(rows["sex"]) <= {"M", "F"} and set(rows["view"]) <= {"PA", "AP"} and rows["study_id"][first] == "000"
