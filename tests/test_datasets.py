@@ -1,7 +1,6 @@
 """The dataset registry: every registered reader on a tiny synthetic folder in its documented
 layout, the common table's rules, and bad input as one DatasetError line naming file, row and
 column. The real metadata files are in test_datasets_real.py."""
-import gzip
 
 import numpy as np
 import pandas as pd
