@@ -1,24 +1,36 @@
 """The feature cache: one HDF5 file, the contract between `extract` (its only writer) and
 `heads`/`search` (its readers). Every reader goes through the small API re-exported here.
 
-Schema (version 1). N rows, one per image of the official split lists, sorted by image id;
-D = feature_dim (2048 for ResNet50); C = len(classes) (14).
+Schema (version 2; version 1, what NIH caches are, is the same without the marked parts).
+N rows, one per image the dataset reader kept (for NIH: of the official split lists), in the
+reader's order (NIH: sorted by image id); D = feature_dim (2048 for ResNet50); C = len(classes).
 
-    image_id    (N,)   UTF-8 string    file name, e.g. "00000001_000.png"
-    patient_id  (N,)   int64
-    labels      (N, C) uint8           multi-hot in `classes` order; "No Finding" is all zeros
-    split       (N,)   UTF-8 string    "train" | "val" | "test" (test = official test_list.txt)
+    image_id    (N,)   UTF-8 string    the dataset's image id, e.g. "00000001_000.png"
+    patient_id  (N,)   int64 (v1) | UTF-8 string (v2: the dataset's own ids, e.g. "patient00001")
+    labels      (N, C) uint8           1 / 0 in `classes` order; v2 also UNKNOWN = 255 (masked by
+                                       the uncertain policy, unmentioned or not annotated).
+                                       NIH "No Finding" is all zeros.
+    split       (N,)   UTF-8 string    "train" | "val" | "test" (NIH test = official test_list.txt)
     features    (N, D) float16|float32 pooled backbone embedding; NaN until the row is done
     done        (N,)   bool            true where `features` holds the row's embedding
     error       (N,)   UTF-8 string    "" or why the image could not be embedded
+    metadata/   (v2 only) per-row metadata, missing = the value given:
+      sex       (N,)   UTF-8 string    "M" | "F" | "" (not published)
+      age       (N,)   float32         years at the study; NaN (not published)
+      view      (N,)   UTF-8 string    "PA" | "AP" | "LATERAL" | the dataset's own spelling | ""
+      study_id  (N,)   UTF-8 string    the study / follow-up the image belongs to; ""
 
 File attributes: schema_version, classes, backbone, weights, weights_sha256, image_size,
 precision, feature_dim, feature_dtype, preprocessing (JSON), val_fraction, split_seed,
 split_source, source_csv, source_csv_sha256, split_lists_sha256, versions (JSON),
-created, fingerprint: the sha256 hex digest of the UTF-8 bytes of
-`json.dumps({key: value for key in FINGERPRINT_KEYS}, sort_keys=True)` (Python's defaults:
-separators ", " and ": ", non-ASCII as \\uXXXX; arrays as lists), i.e. over every setting
-that decides which rows exist and what their features are.
+created; version 2 also dataset (the reader: chexpert, padchest, ...) and the label policies
+views, uncertain, raters, label_method ("n/a" where one does not apply). fingerprint: the
+sha256 hex digest of the UTF-8 bytes of `json.dumps({key: value for key in
+fingerprint_keys(schema_version)}, sort_keys=True)` (FINGERPRINT_KEYS, plus V2_KEYS in version
+2, the ones a cache holds; Python's defaults: separators ", " and ": ", non-ASCII as \\uXXXX; arrays as lists), i.e.
+over every setting that decides which rows exist, what their labels mean and what their
+features are. A cache whose settings name a `dataset` is written as version 2, else version 1
+(NIH caches are unchanged). Class names map onto the shared vocabulary of cache/vocabulary.py.
 
 `preprocessing` (JSON, `Encoder.recipe()` in extract/encoders.py) is the image-to-feature
 recipe: decode (how a PNG becomes gray in [0, 1]), resize (size, interpolation; whole image,
@@ -34,10 +46,11 @@ official test images); it is informational, outside the fingerprint. `versions` 
 timm / transformers / torchxrayvision when the encoder used them.
 
 Invariants every reader checks (`check_readable`, also run by `python -m cache verify`):
-schema_version is SCHEMA_VERSION; every dataset, every FINGERPRINT_KEYS attribute and the
-fingerprint are present; the fingerprint matches; every row dataset has N rows and
-`features` is (N, feature_dim) of feature_dtype; labels are 0/1; split names are
-train/val/test; no patient is in two splits.
+schema_version is 1 or 2; every dataset (v2: and the metadata group), every fingerprinted
+attribute and the fingerprint are present; the fingerprint matches; every row dataset has N
+rows and `features` is (N, feature_dim) of feature_dtype; labels are 0/1 (v2: or 255); split
+names are train/val/test; no patient is in two splits. The heads' readers also refuse a cache
+with unknown labels (check_readable's default) until they can leave them out.
 `verify` also checks that every done row's features are finite.
 
 Crash safety: the HDF5 file is never modified in place. Extraction appends finished batches
@@ -53,20 +66,24 @@ with what cannot be encoded backslash-escaped. A full disk raises DiskFull with 
 intact; space for a merge is reserved before HDF5 writes, since HDF5 can crash on ENOSPC.
 """
 from cache.check import check_readable
-from cache.schema import CLASSES, SPLITS, TEST, TRAIN, VAL
+from cache.schema import CLASSES, SPLITS, TEST, TRAIN, UNKNOWN, VAL
 from cache.store import (
     FINGERPRINT_KEYS,
+    READABLE_VERSIONS,
     SCHEMA_VERSION,
+    V2_KEYS,
     CacheError,
     DiskFull,
     PartWriter,
     compute_fingerprint,
     create_cache,
     exclusive_lock,
+    fingerprint_keys,
     merge_parts,
     pending_part_rows,
     read_attrs,
     read_features,
+    read_metadata,
     read_table,
 )
 
@@ -78,6 +95,11 @@ __all__ = [
     "TEST",
     "TRAIN",
     "VAL",
+    "UNKNOWN",
+    "READABLE_VERSIONS",
+    "V2_KEYS",
+    "fingerprint_keys",
+    "read_metadata",
     "DEFAULT_CACHE",
     "FINGERPRINT_KEYS",
     "SCHEMA_VERSION",

@@ -6,10 +6,11 @@ import json
 import h5py
 import numpy as np
 
-from cache.schema import SPLITS, TEST, TRAIN, VAL
+from cache import vocabulary
+from cache.schema import SPLITS, TEST, TRAIN, UNKNOWN, VAL
 from cache.store import (
-    FINGERPRINT_KEYS, ROW_DATASETS, SCHEMA_VERSION, CacheError, compute_fingerprint, open_cache,
-    pending_part_rows, read_attrs, read_table,
+    METADATA, METADATA_DATASETS, READABLE_VERSIONS, ROW_DATASETS, CacheError, compute_fingerprint,
+    fingerprint_keys, open_cache, pending_part_rows, read_attrs, read_table,
 )
 
 
@@ -32,6 +33,8 @@ def describe(path) -> str:
             value = json.dumps(value)
         lines.append(f"  {key:<19} {value}")
     lines += ["", _split_counts(table), "", _class_counts(table, attrs["classes"])]
+    lines += ["", f"shared label vocabulary ({attrs.get('dataset', 'nih')}'s names -> shared names, cache/vocabulary.py):"]
+    lines += [f"  {line}" for line in vocabulary.describe(attrs.get("dataset", "nih"), attrs["classes"])]
     pending = pending_part_rows(path)
     if pending:
         lines.append(f"\n{pending} finished rows wait in part files; rerun extract to merge them")
@@ -51,24 +54,36 @@ def _split_counts(table) -> str:
 
 
 def _class_counts(table, classes) -> str:
-    lines = [f"{'positives':<19} {'train':>7} {'val':>7} {'test':>7}"]
+    unknown = table["labels"] == UNKNOWN
+    width = max([19, *(len(name) for name in classes)])
+    lines = [f"{'positives':<{width}} {'train':>7} {'val':>7} {'test':>7}" + ("   unknown" if unknown.any() else "")]
     for index, name in enumerate(classes):
-        counts = [int(table["labels"][table["split"] == s, index].sum()) for s in SPLITS]
-        lines.append(f"{name:<19} " + " ".join(f"{c:>7}" for c in counts))
-    normal = (table["labels"].sum(axis=1) == 0)
-    lines.append(f"{'(no finding)':<19} " + " ".join(
+        counts = [int((table["labels"][table["split"] == s, index] == 1).sum()) for s in SPLITS]
+        lines.append(f"{name:<{width}} " + " ".join(f"{c:>7}" for c in counts)
+                     + (f" {int(unknown[:, index].sum()):>9}" if unknown.any() else ""))
+    normal = (table["labels"] == 0).all(axis=1)
+    lines.append(f"{'(no finding)':<{width}} " + " ".join(
         f"{int((normal & (table['split'] == s)).sum()):>7}" for s in SPLITS))
     return "\n".join(lines)
 
 
-def check_readable(path) -> None:
+def check_readable(path, *, allow_unknown: bool = False) -> None:
     """The cheap structural checks of `verify`, run by every reader before it trusts a cache:
     known schema_version, every dataset and attribute present, fingerprint, every row dataset
-    and `features` with N rows and the right width, labels only 0/1, split names,
-    patient-disjoint splits. Reads the row table, never `features` (well under a second at NIH
-    scale). Raises CacheError, one line naming the first problem and `python -m cache verify`.
-    The finite-features scan is left to the reader, on the rows it uses."""
+    and `features` with N rows and the right width, labels only 0/1 (and UNKNOWN in version 2),
+    split names, patient-disjoint splits. Reads the row table, never `features` (well under a
+    second at NIH scale). Raises CacheError, one line naming the first problem and `python -m
+    cache verify`. The finite-features scan is left to the reader, on the rows it uses.
+    allow_unknown=False (the heads' readers): a cache with unknown labels is refused, since
+    they would be read as positives."""
     problems = structural_problems(path)
+    if not problems and not allow_unknown:
+        with open_cache(path) as f:
+            unknown = int((f["labels"][()] == UNKNOWN).sum())
+        if unknown:
+            raise CacheError(f"{path}: {unknown} labels are unknown ({UNKNOWN}: masked, unmentioned or not "
+                             f"annotated), and this stage cannot yet leave them out of training and scoring; "
+                             f"extract with --uncertain zeros or ones, or a dataset whose labels are all known")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CacheError(f"{path}: {problems[0]}{more}; run `python -m cache verify {path}` for the full report")
@@ -97,15 +112,22 @@ def structural_problems(path) -> list[str]:
     """Problems found without reading `features`; CacheError if `path` is no cache at all."""
     with open_cache(path) as f:
         missing_data = [name for name in (*ROW_DATASETS, "features") if name not in f]
-        missing_attrs = [key for key in (*FINGERPRINT_KEYS, "fingerprint") if key not in f.attrs]
+        version = f.attrs.get("schema_version")
+        if version == 2:
+            missing_data += [f"{METADATA}/{name}" for name in METADATA_DATASETS
+                             if METADATA not in f or name not in f[METADATA]]
+        missing_attrs = [key for key in (*fingerprint_keys(version), "fingerprint") if key not in f.attrs]
         if missing_data or missing_attrs:
             return [f"{kind} missing: {names}" for kind, names in
                     (("datasets", missing_data), ("attributes", missing_attrs)) if names]
         shapes = {name: f[name].shape for name in (*ROW_DATASETS, "features")}
+        if version == 2:
+            shapes.update({f"{METADATA}/{name}": f[METADATA][name].shape for name in METADATA_DATASETS})
         feature_dtype = str(f["features"].dtype)
     attrs = read_attrs(path)
-    if attrs["schema_version"] != SCHEMA_VERSION:  # the other checks assume this version's layout
-        return [f"schema_version {attrs['schema_version']!r} is not one this kit reads (it reads {SCHEMA_VERSION})"]
+    if attrs["schema_version"] not in READABLE_VERSIONS:  # the other checks assume a known layout
+        return [f"schema_version {attrs['schema_version']!r} is not one this kit reads (it reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))})"]
     classes_problem = _classes_problem(attrs["classes"])
     if classes_problem:  # the label checks below count on it
         return [classes_problem]
@@ -120,8 +142,10 @@ def structural_problems(path) -> list[str]:
     with open_cache(path) as f:
         image_ids, split, labels = f["image_id"][()], f["split"][()], np.unique(f["labels"][()])
         patients = f["patient_id"][()]
-    if not np.isin(labels, (0, 1)).all():
-        problems.append(f"labels hold values other than 0/1: {[v.item() for v in labels[~np.isin(labels, (0, 1))][:5]]}")
+    allowed = (0, 1, UNKNOWN) if attrs["schema_version"] == 2 else (0, 1)
+    if not np.isin(labels, allowed).all():
+        problems.append(f"labels hold values other than {'/'.join(map(str, allowed))}: "
+                        f"{[v.item() for v in labels[~np.isin(labels, allowed)][:5]]}")
     if len(set(image_ids.tolist())) != len(image_ids):
         problems.append("image_id values are not unique")
     names = {raw: raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else str(raw)
@@ -147,10 +171,10 @@ def _classes_problem(classes) -> str | None:
 
 def _shape_problems(shapes: dict, attrs: dict, feature_dtype: str) -> list[str]:
     n_rows = shapes["image_id"][0] if len(shapes["image_id"]) == 1 else -1
-    expected = {name: (n_rows,) for name in ROW_DATASETS}
+    expected = {name: (n_rows,) for name in shapes}
     expected.update(labels=(n_rows, len(attrs["classes"])), features=(n_rows, attrs["feature_dim"]))
     problems = [f"{name} has shape {shapes[name]}, expected {expected[name]} (image_id has {n_rows} rows)"
-                for name in (*ROW_DATASETS, "features") if shapes[name] != expected[name]]
+                for name in shapes if shapes[name] != expected[name]]
     if feature_dtype != attrs["feature_dtype"]:
         problems.append(f"features are stored as {feature_dtype}, the attributes say {attrs['feature_dtype']}")
     return problems
@@ -162,7 +186,9 @@ def _patient_overlaps(patient_ids: np.ndarray, in_split: dict) -> list[str]:
     for a, b in ((TRAIN, VAL), (TRAIN, TEST), (VAL, TEST)):
         shared = np.intersect1d(patients[a], patients[b], assume_unique=True)
         if len(shared):
-            problems.append(f"{len(shared)} patients are in both {a} and {b} (e.g. {[int(p) for p in shared[:3]]})")
+            examples = [p.decode() if isinstance(p, bytes) else p.item() if isinstance(p, np.generic) else p
+                        for p in shared[:3]]
+            problems.append(f"{len(shared)} patients are in both {a} and {b} (e.g. {examples})")
     return problems
 
 

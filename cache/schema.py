@@ -8,3 +8,5 @@ CLASSES = (
 )
 TRAIN, VAL, TEST = "train", "val", "test"
 SPLITS = (TRAIN, VAL, TEST)
+# A label nobody gave: masked by the uncertain policy, not mentioned, or not annotated.
+UNKNOWN = 255

@@ -18,7 +18,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 # Everything that decides which rows exist and what their features are. Two caches with the
 # same fingerprint hold interchangeable rows; a mismatch on any key refuses the reuse.
@@ -27,7 +28,11 @@ FINGERPRINT_KEYS = (
     "precision", "feature_dim", "feature_dtype", "preprocessing", "val_fraction",
     "split_seed", "split_source", "source_csv_sha256", "split_lists_sha256",
 )
+# Version 2 also fingerprints the reader and every label policy ("n/a" where one does not apply).
+V2_KEYS = ("dataset", "views", "uncertain", "raters", "label_method")
 ROW_DATASETS = ("image_id", "patient_id", "labels", "split", "done", "error")
+METADATA = "metadata"  # version 2's group of per-row metadata
+METADATA_DATASETS = ("sex", "age", "view", "study_id")
 _STR = h5py.string_dtype("utf-8")
 # Rows per HDF5 chunk: a 128 x 2048 float16 chunk is 512 KiB, large enough for fast whole
 # reads and small enough that a slice of a few rows does not read megabytes.
@@ -60,12 +65,19 @@ def safe_text(text) -> str:
     return str(text).encode("utf-8", "backslashreplace").decode("utf-8").replace("\0", "\\x00")
 
 
+def fingerprint_keys(version) -> tuple:
+    """The attributes the fingerprint covers in a cache of schema `version`."""
+    return FINGERPRINT_KEYS + V2_KEYS if version == 2 else FINGERPRINT_KEYS
+
+
 def compute_fingerprint(attrs: dict) -> str:
-    """sha256 over the FINGERPRINT_KEYS of `attrs`, in a canonical JSON form."""
+    """sha256 over FINGERPRINT_KEYS and the V2_KEYS `attrs` holds (all of them in a version-2
+    cache, none in a version-1 one), in a canonical JSON form."""
+    keys = FINGERPRINT_KEYS + tuple(key for key in V2_KEYS if key in attrs)
     missing = [key for key in FINGERPRINT_KEYS if key not in attrs]
     if missing:
         raise CacheError(f"cannot fingerprint: settings lack {missing}")
-    canonical = json.dumps({key: _plain(attrs[key]) for key in FINGERPRINT_KEYS}, sort_keys=True)
+    canonical = json.dumps({key: _plain(attrs[key]) for key in keys}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -84,11 +96,17 @@ def _plain(value):
 
 def create_cache(path, *, table: dict, feature_dim: int, feature_dtype: str, attrs: dict) -> None:
     """Write a new cache with every row not done. `table` holds image_id, patient_id, labels
-    and split arrays; `attrs` the settings (the fingerprint is added here)."""
+    and split arrays; `attrs` the settings (the fingerprint is added here). Settings that name
+    a `dataset` make a version-2 cache (string patient ids, UNKNOWN labels, the metadata group
+    from the table's sex/age/view/study_id); without one the cache is version 1, as NIH caches
+    have always been."""
     path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n_rows = len(table["image_id"])
-    attrs = dict(attrs, schema_version=SCHEMA_VERSION, feature_dim=feature_dim,
+    version = 2 if "dataset" in attrs else 1
+    if version == 2 and any(key not in attrs for key in V2_KEYS):
+        raise CacheError(f"cannot create a version-2 cache: settings lack {[k for k in V2_KEYS if k not in attrs]}")
+    attrs = dict(attrs, schema_version=version, feature_dim=feature_dim,
                  feature_dtype=feature_dtype)
     attrs["fingerprint"] = compute_fingerprint(attrs)
     tmp = path.with_name(path.name + ".creating")
@@ -98,7 +116,12 @@ def create_cache(path, *, table: dict, feature_dim: int, feature_dtype: str, att
     with _removed_on_failure(tmp, cache=path, doing="creating the cache"):
         with h5py.File(tmp, "w") as f:
             f.create_dataset("image_id", data=np.asarray(table["image_id"], dtype=object), dtype=_STR)
-            f.create_dataset("patient_id", data=np.asarray(table["patient_id"], dtype=np.int64))
+            if version == 1:
+                f.create_dataset("patient_id", data=np.asarray(table["patient_id"], dtype=np.int64))
+            else:
+                f.create_dataset("patient_id", data=np.asarray([str(p) for p in table["patient_id"]], dtype=object),
+                                 dtype=_STR)
+                _write_metadata(f, table, n_rows)
             f.create_dataset("labels", data=np.asarray(table["labels"], dtype=np.uint8))
             f.create_dataset("split", data=np.asarray(table["split"], dtype=object), dtype=_STR)
             f.create_dataset(
@@ -110,6 +133,39 @@ def create_cache(path, *, table: dict, feature_dim: int, feature_dtype: str, att
             for key, value in attrs.items():
                 f.attrs[key] = json.dumps(value) if isinstance(value, dict) else value
         _durable_replace(tmp, path)
+
+
+def _write_metadata(f: h5py.File, table: dict, n_rows: int) -> None:
+    """The metadata group: sex ("M"/"F"/""), age (float32 years, NaN = missing), view and
+    study_id (strings, "" = missing)."""
+    group = f.create_group(METADATA)
+    for name in METADATA_DATASETS:
+        if name == "age":
+            values = np.asarray(table.get("age", np.full(n_rows, np.nan)), dtype=np.float32)
+            group.create_dataset(name, data=values)
+        else:
+            values = table.get(name, np.full(n_rows, "", dtype=object))
+            group.create_dataset(name, data=np.asarray([str(v) for v in values], dtype=object), dtype=_STR)
+
+
+def read_metadata(path) -> dict | None:
+    """A version-2 cache's per-row sex, age, view and study_id; None for a version-1 cache."""
+    with open_cache(path) as f:
+        if METADATA not in f:
+            return None
+        group = f[METADATA]
+        missing = [name for name in METADATA_DATASETS if name not in group]
+        if missing:
+            raise _damaged(path, f"metadata datasets missing: {missing}")
+        metadata = {name: group[name][()] for name in METADATA_DATASETS}
+    for name in ("sex", "view", "study_id"):
+        metadata[name] = _decoded(metadata[name])
+    return metadata
+
+
+def _decoded(values) -> np.ndarray:
+    return np.array([v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v)
+                     for v in np.ravel(values)], dtype=object)
 
 
 def _durable_replace(tmp: Path, path: Path) -> None:
@@ -250,8 +306,9 @@ def read_table(path) -> dict:
             raise _damaged(path, f"datasets missing: {missing}")
         table = {name: f[name][()] for name in ROW_DATASETS}
     for name in ("image_id", "split", "error"):
-        table[name] = np.array([v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v)
-                                for v in np.ravel(table[name])], dtype=object)
+        table[name] = _decoded(table[name])
+    if table["patient_id"].dtype.kind in "OS":  # version 2: the dataset's own ids, as strings
+        table["patient_id"] = _decoded(table["patient_id"])
     return table
 
 

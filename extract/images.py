@@ -35,7 +35,10 @@ class ImageError(Exception):
 def load_gray(path, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """(H, W) uint8 gray image. 8 bits are what ImageNet weights saw; 16-bit inputs are
     scaled by their full range rather than clipped. ImageError for an image above
-    `max_pixels`, raised from the header before decoding."""
+    `max_pixels`, raised from the header before decoding. DICOM files go to extract/dicom.py."""
+    if str(path).lower().endswith((".dcm", ".dicom")):
+        from extract import dicom
+        return dicom.load_gray(path, max_pixels=max_pixels)
     try:
         with warnings.catch_warnings():  # MAX_PIXELS below is the limit; PIL's warning is noise
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -27,13 +27,27 @@ from cache.flags import OneLineParser, Valid, number_type
 from cache.runtime import DeviceUnavailable, resolve_device, versions
 from cache.schema import SPLITS
 from cache.store import safe_text
-from extract import encoders, nih, pipeline
+from extract import datasets, encoders, pipeline
+from extract.datasets import nih
+from extract.datasets.table import LABEL_METHODS, RATER_POLICIES, UNCERTAIN_POLICIES, DatasetError, Options, parse_views
 
 
 def get_args_parser(add_help=True):
     parser = OneLineParser("python -m extract", add_help=add_help,
-                           description="Embed NIH ChestX-ray14 images into the feature cache.")
-    parser.add_argument("--data-dir", required=True, help="the NIH download: label CSV, split lists, PNGs")
+                           description="Embed a chest X-ray dataset's images into the feature cache.")
+    parser.add_argument("--dataset", default="nih",
+                        help=f"which dataset --data-dir holds: {', '.join(datasets.names())} (default nih); "
+                             f"`list` prints what each expects on disk")
+    parser.add_argument("--data-dir", default=None,
+                        help="the dataset as downloaded (NIH: label CSV, split lists, PNGs; see --dataset list)")
+    parser.add_argument("--views", default=None,
+                        help="views to keep, e.g. PA,AP,LATERAL (default: frontal, PA and AP)")
+    parser.add_argument("--uncertain", default=None, choices=UNCERTAIN_POLICIES,
+                        help="chexpert, mimic, csv: uncertain (-1) labels unknown (mask, default), 0 or 1")
+    parser.add_argument("--raters", default=None, choices=RATER_POLICIES,
+                        help="vindr: a finding is positive when any radiologist or the majority marked it (default)")
+    parser.add_argument("--label-method", default=None, choices=LABEL_METHODS,
+                        help="padchest: physician-labelled rows only (default) or also the RNN-labelled ones")
     parser.add_argument("--split", default="all", choices=["all", *SPLITS],
                         help="which rows to fill (default: all)")
     parser.add_argument("--cache", default=None,
@@ -86,12 +100,19 @@ class SettingsMismatch(Exception):
 
 
 def main(args) -> int:
+    if args.dataset == "list":
+        print(datasets.describe())
+        return 0
+    if args.data_dir is None:
+        print("error: --data-dir is required: the folder of the dataset as downloaded (--dataset list shows "
+              "what each expects)", file=sys.stderr)
+        return 2
     try:
         return _extract(args)
     except cache.DiskFull as err:  # the work is saved; the run could not finish here: exit 1, not 2
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except (nih.DatasetError, encoders.EncoderError, cache.CacheError, SettingsMismatch, DeviceUnavailable) as err:
+    except (DatasetError, encoders.EncoderError, cache.CacheError, SettingsMismatch, DeviceUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -103,13 +124,9 @@ def _extract(args) -> int:
     ranks = Ranks.from_env()
     device = resolve_device(args.device, local_rank=ranks.local_rank)
     precision = pipeline.resolve_precision(args.precision, device)
-    table, provenance = nih.load_dataset(args.data_dir, val_fraction=args.val_fraction,
-                                         seed=args.split_seed, random_split=args.random_split,
-                                         labels_csv=args.labels_csv, val_list=args.val_list)
+    table, provenance = load_rows(args)
     encoder = build_encoder(args, device=device, quiet=ranks.rank != 0)
-    cache_path = args.cache or encoders.default_cache_path(encoder.backbone, image_size=encoder.preprocessing.size,
-                                                           layers=encoders.parse_layers(args.layers),
-                                                           weights_tag=encoder.weights_tag)
+    cache_path = args.cache or default_cache_path(args, encoder)
     settings = cache_settings(args, encoder=encoder, provenance=provenance, precision=precision)
     with contextlib.ExitStack() as held:
         def lock_and_prepare():  # rank 0 only; a failure here stops every rank
@@ -122,6 +139,7 @@ def _extract(args) -> int:
         stored = cache.read_table(cache_path)
         rows = rows_to_do(stored, args.split)[ranks.rank::ranks.world]
         stats = embed_rows(args, cache_path=cache_path, encoder=encoder, rows=rows, image_ids=stored["image_id"],
+                           image_paths=table.get("path"), table_ids=table["image_id"],
                            device=device, precision=precision,
                            fingerprint=cache.read_attrs(cache_path)["fingerprint"], ranks=ranks)
         stats = ranks.combine(stats)
@@ -129,6 +147,36 @@ def _extract(args) -> int:
             return 0
         cache.merge_parts(cache_path)
     return print_summary(cache_path, stats, warning=encoder.warning)
+
+
+def load_rows(args) -> tuple[dict, dict]:
+    """The rows the cache will hold and their provenance. NIH read as it always was (a version-1
+    cache, byte for byte) unless --views asks for the registry's view filter; every other
+    dataset through its registered reader (a version-2 cache), which also refuses the options
+    it does not use."""
+    registry_only = (args.views, args.uncertain, args.raters, args.label_method)
+    if args.dataset == "nih" and all(option is None for option in registry_only):
+        return nih.load_dataset(args.data_dir, val_fraction=args.val_fraction, seed=args.split_seed,
+                                random_split=args.random_split, labels_csv=args.labels_csv, val_list=args.val_list)
+    options = Options(views=parse_views(args.views) if args.views is not None else None, uncertain=args.uncertain,
+                      raters=args.raters, label_method=args.label_method, labels_csv=args.labels_csv,
+                      val_list=args.val_list, random_split=args.random_split, val_fraction=args.val_fraction,
+                      seed=args.split_seed)
+    rows, provenance = datasets.load(args.dataset, args.data_dir, options)
+    if not len(rows["image_id"]):
+        raise DatasetError(f"--dataset {args.dataset} in {args.data_dir}: no rows left to embed (check --views "
+                           f"and the label options)")
+    policies = {key: "n/a" for key in cache.V2_KEYS} | {"split_lists_sha256": ""}
+    return rows, policies | provenance
+
+
+def default_cache_path(args, encoder) -> str:
+    """outputs/cache/<backbone>-<size>[-<layers>][-<weights>].h5 for NIH, <dataset>-<...>.h5 for the others."""
+    path = encoders.default_cache_path(encoder.backbone, image_size=encoder.preprocessing.size,
+                                       layers=encoders.parse_layers(args.layers), weights_tag=encoder.weights_tag)
+    if args.dataset == "nih":
+        return path
+    return os.path.join(os.path.dirname(path), f"{args.dataset}-{os.path.basename(path)}")
 
 
 def build_encoder(args, *, device, quiet: bool = False) -> encoders.Encoder:
@@ -159,7 +207,7 @@ def cache_settings(args, *, encoder: encoders.Encoder, provenance: dict, precisi
         "feature_dtype": args.feature_dtype,
         "feature_dim": encoder.feature_dim,
         "encoder_warning": encoder.warning,
-        "schema_version": cache.SCHEMA_VERSION,
+        "schema_version": 2 if "dataset" in provenance else 1,
         "versions": versions(torchvision=torchvision.__version__, h5py=h5py.__version__, **_extra_versions()),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -191,7 +239,7 @@ def refuse_other_settings(path, settings: dict) -> None:
     (CacheError when it is no cache)."""
     stored = cache.read_attrs(path)
     differences = [
-        line for key in cache.FINGERPRINT_KEYS if key in settings
+        line for key in (*cache.FINGERPRINT_KEYS, *cache.V2_KEYS) if key in settings
         for line in _differences(key, _comparable(stored.get(key)), _comparable(settings[key]))
     ]
     if differences:
@@ -221,12 +269,12 @@ def rows_to_do(table: dict, split: str) -> np.ndarray:
     return np.flatnonzero(wanted & ~table["done"])
 
 
-def embed_rows(args, *, cache_path, encoder, rows, image_ids, device, precision, fingerprint, ranks) -> dict:
-    """Embed `rows` of the cache, writing part files as it goes; returns counts and timing."""
-    found = nih.index_images(args.data_dir)
-    if len(rows) and not found:
-        raise nih.DatasetError(f"no PNG images under {args.data_dir}: expected images/ or images_001/images/ ...")
-    paths = [found.get(image_ids[row]) for row in rows]
+def embed_rows(args, *, cache_path, encoder, rows, image_ids, device, precision, fingerprint, ranks,
+               image_paths=None, table_ids=None) -> dict:
+    """Embed `rows` of the cache, writing part files as it goes; returns counts and timing.
+    `image_paths`: each table row's image relative to --data-dir (registry readers); without
+    them the NIH images are found by name."""
+    paths = image_files(args.data_dir, rows=rows, image_ids=image_ids, image_paths=image_paths, table_ids=table_ids)
     cuda = device.type == "cuda"
     model_batches = pipeline.batches(
         rows, paths, encoder=encoder, batch_size=args.batch_size or (256 if cuda else 64),
@@ -247,6 +295,17 @@ def embed_rows(args, *, cache_path, encoder, rows, image_ids, device, precision,
         progress.close()
     return {"done": sink.done, "failed": sink.failed, "seconds": time.perf_counter() - start,
             "device": str(device), "precision": precision, "merges": sink.merges}
+
+
+def image_files(data_dir, *, rows, image_ids, image_paths, table_ids) -> list:
+    """The file of each cache row in `rows` (None where not found: a failed row)."""
+    if image_paths is None:
+        found = nih.index_images(data_dir)
+        if len(rows) and not found:
+            raise DatasetError(f"no PNG images under {data_dir}: expected images/ or images_001/images/ ...")
+        return [found.get(image_ids[row]) for row in rows]
+    relative = dict(zip(table_ids, image_paths))
+    return [os.path.join(data_dir, relative[image_ids[row]]) for row in rows]
 
 
 class PartSink:

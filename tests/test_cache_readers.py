@@ -36,8 +36,8 @@ def _leak_patients(f, table):
 
 def _set_unknown_version(f, table):
     attrs = {key: f.attrs[key] for key in f.attrs}
-    attrs["schema_version"] = 2
-    f.attrs["schema_version"] = 2
+    attrs["schema_version"] = 3
+    f.attrs["schema_version"] = 3
     f.attrs["fingerprint"] = cache.compute_fingerprint(attrs)  # a consistent, newer cache
 
 
@@ -55,7 +55,7 @@ TAMPERINGS = {
     "patient in two splits": (_leak_patients, "patients are in both train and test"),
     "unknown split name": (lambda f, t: f["split"].__setitem__(0, "validation"), "unknown split names ['validation']"),
     "edited attribute": (lambda f, t: f.attrs.__setitem__("image_size", 512), "fingerprint does not match"),
-    "unknown schema version": (_set_unknown_version, "schema_version 2 is not one this kit reads (it reads 1)"),
+    "unknown schema version": (_set_unknown_version, "schema_version 3 is not one this kit reads (it reads 1, 2)"),
     "features with fewer rows": (lambda f, t: _recreate(f, "features", f["features"][:-5]),
                                  "features has shape (55, 8), expected (60, 8)"),
     "features of another width": (lambda f, t: _recreate(f, "features", f["features"][:, :-1]),

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from extract import nih
+from extract.datasets import nih
 from extract.synthetic import write_dataset
 
 REAL_POSITIVES = {
