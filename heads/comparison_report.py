@@ -104,7 +104,7 @@ def _runs_markdown(comparison) -> list[str]:
 
 
 def _leaderboard_markdown(comparison) -> list[str]:
-    lines = ["## Leaderboard (sorted by test mean AUC)", "",
+    lines = ["## Runs (ordered by validation mean AUC; test is reported, never ranked)", "",
              "| run | val mean AUC | test mean AUC [95% CI] | difference vs reference [95% CI] | p (bootstrap) "
              "| train s |", "|" + "---|" * 6]
     for row in comparison.leaderboard.itertuples(index=False):

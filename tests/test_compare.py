@@ -378,3 +378,19 @@ def test_the_paired_bootstrap_draws_the_patients_of_a_runs_own_ci():
     alone = bootstrap_auc(labels, scores, patient_ids, n_resamples=250, seed=3, chunk=100)
     paired = paired_bootstrap_auc(labels, [scores, other], patient_ids, n_resamples=250, seed=3, chunk=100)
     assert np.array_equal(alone, paired[:, 0], equal_nan=True)
+
+
+def test_runs_are_listed_by_validation_never_ranked_by_test(runs, tmp_path):
+    """The better validation run scores worst on test (its test scores inverted): the table keeps
+    it first, as the reference, because test is reported, never ranked."""
+    for name in ("strong", "weak"):
+        shutil.copytree(runs / name, tmp_path / name)
+    predictions = pd.read_csv(tmp_path / "strong" / "predictions_test.csv")
+    probabilities = [c for c in predictions.columns if c.startswith("prob_")]
+    predictions[probabilities] = 1.0 - predictions[probabilities]
+    predictions.to_csv(tmp_path / "strong" / "predictions_test.csv", index=False)
+    compare(tmp_path / "weak", tmp_path / "strong", "--out", tmp_path / "out", check_rc=0)
+    table = pd.read_csv(tmp_path / "out" / "comparison.csv")
+    assert table["test_mean_auc"].iloc[0] < table["test_mean_auc"].iloc[1]  # the poisoned run is worse on test
+    assert table["run"].tolist() == ["strong", "weak"] and table["reference"].tolist() == [True, False]
+    assert "sorted by test" not in (tmp_path / "out" / "comparison.md").read_text()
