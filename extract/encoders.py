@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from cache.runtime import cpu_has_native_bf16  # noqa: F401 (extract's precision reads it here)
 from extract.images import IMAGENET_MEAN, IMAGENET_STD
 from extract.nih import file_sha256
 
@@ -559,17 +560,6 @@ def default_cache_path(backbone: str, *, image_size: int, layers=()) -> str:
     parts = [backbone, str(image_size)] + (["+".join(layers)] if layers else [])
     name = "-".join(re.sub(r"[^A-Za-z0-9_.+]+", "-", part).strip("-") for part in parts)
     return f"outputs/cache/{name}.h5"
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast
-    is about twice as fast as fp32; elsewhere it is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 def resize_gray(gray: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:

@@ -27,7 +27,7 @@ from heads.data import HeadsError, load_head_data
 from heads.run import train_and_report
 from search import outdir
 from search.liveness import Liveness
-from search.passes import SearchContext, run_passes
+from search.passes import Halving, SearchContext, run_passes
 from search.report import print_standing, print_summary, write_search_outputs
 from search.storage import SearchError, is_shared, mask_text, mask_url, parse_url
 from search.study import FINISHED, best_text, best_trial, count, fail_interrupted_trials, open_study, study_identity
@@ -39,6 +39,8 @@ from search.study import FINISHED, best_text, best_trial, count, fail_interrupte
 # where a step is arithmetic. A GPU step is launch overhead that K heads share, hence more
 # there (not yet measured on a GPU).
 DEFAULT_PER_PASS = {"cpu": 8, "cuda": 32}
+# Successive halving inside a pass: the first rung (epochs) and the factor eta (README, performance).
+DEFAULT_FIRST_RUNG, DEFAULT_ETA = 2, 2
 DEFAULT_STALE_AFTER_S = 60.0
 
 
@@ -74,6 +76,12 @@ def get_args_parser(add_help=True):
                         help="K trials asked at once and trained together on one stream of minibatches; 1 trains "
                              f"one at a time (default: {DEFAULT_PER_PASS['cpu']} on CPU, "
                              f"{DEFAULT_PER_PASS['cuda']} on CUDA)")
+    parser.add_argument("--halving-first-rung", type=_at_least(int, 1), default=DEFAULT_FIRST_RUNG,
+                        help="successive halving inside a pass: every head trains this many epochs, then the best "
+                             f"1/eta go on (>= 1; default: {DEFAULT_FIRST_RUNG})")
+    parser.add_argument("--halving-eta", type=_at_least(int, 1), default=DEFAULT_ETA,
+                        help="at each rung (first rung x eta^i epochs) a pass keeps its best 1/eta heads by "
+                             f"validation AUC; 1 turns halving off (>= 1; default: {DEFAULT_ETA})")
     parser.add_argument("--n-jobs", type=_at_least(int, 1), default=1,
                         help="threads of this process that share the training of each pass (>= 1)")
     parser.add_argument("--timeout", type=_at_least(float, 0, low_open=True), default=None,
@@ -137,6 +145,7 @@ def run_search(args) -> int:
     best = best_trial(study)
     search_config = {"study": args.study_name, "storage": mask_url(url), "trials": args.trials,
                      "trials_per_pass": per_pass, "n_jobs": args.n_jobs, "pruner": args.pruner,
+                     "halving": {"first_rung": args.halving_first_rung, "eta": args.halving_eta},
                      "sampler": "TPE, constant liar", "sampler_seed": args.sampler_seed, "fixed": fixed,
                      "search_space": space, "cache": [str(p) for p in paths], "feature_sets": sets}
     run_dir, metrics, settings, best_data = retrain_best(best, args=args, out=out, data=data, fixed=fixed,
@@ -188,7 +197,8 @@ def run_with_progress(study, *, args, data, fixed, device, url, per_pass, sets) 
     liveness = Liveness(url, stale_after=args.stale_after)
     try:
         run = SearchContext(study=study, data=data, fixed=fixed, device=device, target=args.trials,
-                            liveness=liveness, feature_sets=sets)
+                            liveness=liveness, feature_sets=sets,
+                            halving=Halving(first_rung=args.halving_first_rung, eta=args.halving_eta))
         return run_passes(run, per_pass=per_pass, n_jobs=args.n_jobs, on_pass=on_pass,
                           deadline=None if args.timeout is None else time.time() + args.timeout)
     finally:

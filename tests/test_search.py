@@ -13,8 +13,8 @@ import pytest
 from optuna.trial import TrialState
 
 import heads.run
-import search.passes
 import search.run
+from heads.stack import HeadStack
 from cache.synthetic import write_synthetic_cache
 from conftest import REPO, call_main
 
@@ -103,19 +103,22 @@ def torch_noise(shape):
 
 
 def test_a_failing_head_fails_only_its_trial(small_cache, tmp_path, monkeypatch):
-    real_fit_heads = search.passes.fit_heads
+    real_losses = HeadStack.take_epoch_losses
     group = {}
 
-    def one_head_goes_nan(**kwargs):
-        results = real_fit_heads(**kwargs)
-        if not group and len(results) >= 2:  # the second head of the first group trained together
-            group["lrs"] = [settings["lr"] for settings in kwargs["settings_list"]]
-            results[1].status, results[1].fail_reason = "failed", "training loss became nan at epoch 3"
-        return results
-    monkeypatch.setattr(search.passes, "fit_heads", one_head_goes_nan)
+    def second_head_goes_nan_at_epoch_3(stack, n_rows):
+        losses = real_losses(stack, n_rows)
+        if not group and len(stack) >= 2:  # the first stack of two heads or more trained together
+            group.update(stack=stack, epochs=0, lrs=[settings["lr"] for settings in stack.settings])
+        if group.get("stack") is stack:
+            group["epochs"] += 1
+            if group["epochs"] == 3:
+                losses[1] = float("nan")
+        return losses
+    monkeypatch.setattr(HeadStack, "take_epoch_losses", second_head_goes_nan_at_epoch_3)
     out = tmp_path / "s"
     call_main("search", "--cache", small_cache, "--out", out, "--trials", "8", "--trials-per-pass", "8",
-              "--pruner", "none", *QUICK, check_rc=0)
+              "--pruner", "none", "--halving-eta", "1", *QUICK, check_rc=0)
     study = _study(out)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and "nan" in failed[0].user_attrs["fail_reason"]
