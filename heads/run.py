@@ -8,10 +8,12 @@ from __future__ import annotations
 from importlib.metadata import version
 from pathlib import Path
 
+import torch
+
 from cache.runtime import versions
 from heads.data import HeadData, load_head_data
 from heads.estimator import Head
-from heads.fit import predict_proba
+from heads.fit import predict_proba, resolve_precision
 from heads.model import WEIGHTING_FORMULA
 from heads.report import (
     discard_partial, finish_out_dir, format_table, per_class_table, prepare_out_dir, score_run, write_run,
@@ -72,7 +74,8 @@ def run_config(*, cache_path, data, settings, device, class_weights_used: dict, 
         "caches": [{key: entry[key] for key in ("name", "path", "fingerprint", "columns")} for entry in data.caches],
         "cache_attrs": {k: v for k, v in data.attrs.items() if k not in ("versions", "created")},
         "official_nih_test_split": data.official_nih,
-        "device": str(device), "class_weights": {**class_weights_used, "formula": WEIGHTING_FORMULA},
+        "device": str(device), "precision": resolve_precision(settings.get("precision", "auto"), torch.device(device)),
+        "class_weights": {**class_weights_used, "formula": WEIGHTING_FORMULA},
         "standardization": ("features minus train mean, divided by train std (stored in head.pt), "
                             "held as float16"),
         "selection": "epoch (and grid entry) with the best validation mean AUC; test is scored once, after training",

@@ -32,15 +32,13 @@ from search.report import print_standing, print_summary, write_search_outputs
 from search.storage import SearchError, is_shared, mask_text, mask_url, parse_url
 from search.study import FINISHED, best_text, best_trial, count, fail_interrupted_trials, open_study, study_identity
 
-# Trials per pass when --trials-per-pass is not given, by device. Measured on a 2-core CPU with
-# the benchmark's defaults (100 trials, 19,536 train rows x 2048, median pruner): K = 8 took
-# 832 s against 1212 s for one trial at a time, best validation AUC 0.0025 lower (README,
-# performance). Linear heads share their matrix multiply; deep heads gain little on a CPU,
-# where a step is arithmetic. A GPU step is launch overhead that K heads share, hence more
-# there (not yet measured on a GPU).
-DEFAULT_PER_PASS = {"cpu": 8, "cuda": 32}
-# Successive halving inside a pass: the first rung (epochs) and the factor eta (README, performance).
-DEFAULT_FIRST_RUNG, DEFAULT_ETA = 2, 2
+# Trials per pass when --trials-per-pass is not given, by device, and the successive-halving
+# schedule inside a pass (README, performance: measured on a 2-core CPU with the benchmark's
+# defaults against one trial at a time). A pass of 16 keeps its best 5 after one epoch and its
+# best one after three: most epochs go to the heads that win. A GPU step is launch overhead
+# that K heads share, hence more heads there (not yet measured on a GPU).
+DEFAULT_PER_PASS = {"cpu": 16, "cuda": 32}
+DEFAULT_FIRST_RUNG, DEFAULT_ETA = 1, 3
 DEFAULT_STALE_AFTER_S = 60.0
 
 
@@ -91,7 +89,8 @@ def get_args_parser(add_help=True):
                              "(any shared storage), after which a running trial counts as its dead worker's and "
                              "is failed, so the study still reaches N (>= 6)")
     parser.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"],
-                        help="stop unpromising trials early from their per-epoch validation AUC")
+                        help="stop unpromising trials early from their per-epoch validation AUC (besides the halving "
+                             "inside a pass: --halving-eta 1 turns that off)")
     parser.add_argument("--sampler-seed", type=_at_least(int, 0), default=0,
                         help="seed of the TPE sampler (>= 0)")
     head_settings.add_setting_args(parser, searched=False)

@@ -223,13 +223,13 @@ def test_out_that_is_a_file_or_a_foreign_folder_is_refused(small_cache, tmp_path
 
 def test_pruner_none_never_prunes_and_hyperband_prunes_at_its_rungs(small_cache, tmp_path):
     out = tmp_path / "none"
-    call_main("search", "--cache", small_cache, "--out", out, "--trials", "10", "--pruner", "none", *QUICK,
-              check_rc=0)
+    call_main("search", "--cache", small_cache, "--out", out, "--trials", "10", "--pruner", "none",
+              "--halving-eta", "1", *QUICK, check_rc=0)
     study = _study(out)
     assert len(study.trials) == 10 and all(t.state == TrialState.COMPLETE for t in study.trials)
     out = tmp_path / "hyperband"
-    call_main("search", "--cache", small_cache, "--out", out, "--trials", "14", "--pruner", "hyperband", *QUICK,
-              check_rc=0)
+    call_main("search", "--cache", small_cache, "--out", out, "--trials", "14", "--pruner", "hyperband",
+              "--halving-eta", "1", *QUICK, check_rc=0)
     pruned = [t for t in _study(out).trials if t.state == TrialState.PRUNED]
     # rungs at min_resource 2 times powers of the reduction factor 3; the median pruner would
     # stop trials at any epoch after its 2 warm-up epochs
