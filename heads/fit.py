@@ -2,7 +2,8 @@
 validation, predict probabilities, save and load a checkpoint. No I/O beyond the checkpoint.
 
 `fit_heads` trains any number of heads in one pass over the same minibatches (stacked by
-shape, heads/stack.py); `fit_head` is the one-head case."""
+shape, heads/stack.py); `fit_head` is the one-head case. `Training` is one such pass, one epoch
+at a time, for callers that train several side by side and stop heads between epochs."""
 from __future__ import annotations
 
 import contextlib
@@ -110,9 +111,8 @@ def _run_pass(indices: list, settings_list: list, results: list, *, train, val, 
     training = Training(indices, settings_list, train=train, val=val, device=device)
     while training.live():
         training.run_epoch(on_epoch=on_epoch)
-    results_of = training.results
     for index in indices:
-        results[index] = results_of[index]
+        results[index] = training.results[index]
 
 
 class Training:
