@@ -10,9 +10,12 @@ timed beside it:
    `heads.train --depth 0` process against scikit-learn's LogisticRegression fit alone on the
    same standardized features, their validation AUCs, and float16 against float32 features.
 3. K heads in one pass against the same K heads trained one at a time.
+4. bf16 autocast against fp32 for the same heads on a small cache: the validation AUC gap and the
+   time ratio (native bf16 units where /proc/cpuinfo names them, emulated and slower elsewhere).
 
     python -m benchmarks.bench_heads                 # everything (tens of minutes on 2 CPU cores)
     python -m benchmarks.bench_heads --scale 0.02    # a quick check that it runs
+    python -m benchmarks.bench_heads --only-precision  # part 4 alone
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.table import print_table
-from cache.runtime import resolve_device
+from cache.runtime import cpu_has_native_bf16, resolve_device
 from cache.schema import CLASSES
 from cache.store import PartWriter, create_cache, exclusive_lock, merge_parts, read_attrs
 from cache.synthetic import NIH_SCALE, known_auc, write_synthetic_cache
@@ -52,6 +55,9 @@ def get_args_parser(add_help=True):
     parser.add_argument("--cnn-rows", type=float, default=1.0, help="fraction of the 40,000 CNN-like rows")
     parser.add_argument("--deep-epochs", type=int, default=15, help="epoch cap of the depth-2 rows of part 2")
     parser.add_argument("--skip-extras", action="store_true", help="part 2 without the float16 and K-head rows")
+    parser.add_argument("--only-precision", action="store_true", help="part 4 alone")
+    parser.add_argument("--precision-scale", type=float, default=0.05,
+                        help="fraction of NIH-scale rows of part 4's cache (emulated bf16 is slow)")
     parser.add_argument("--skip-epochs", action="store_true",
                         help="part 1 measures only the heads.train process (no in-process timings)")
     return parser
@@ -199,12 +205,42 @@ def stack_rows(args, data, device) -> list[dict]:
     return rows
 
 
+# Heads of the searched space: linear and deep, slow and fast learning rates, with dropout.
+PRECISION_HEADS = [{"depth": 0, "lr": 1e-3}, {"depth": 0, "lr": 1e-4}, {"depth": 1, "width": 256, "lr": 3e-4},
+                   {"depth": 2, "width": 512, "lr": 1e-3, "dropout": 0.3}, {"depth": 3, "width": 1024, "lr": 1e-4}]
+
+
+def precision_rows(args, tmp: Path, device) -> list[dict]:
+    """The same heads trained in fp32 and under bf16 autocast: their validation AUCs and times."""
+    path = tmp / "precision.h5"
+    write_synthetic_cache(path, rows={k: max(int(v * args.precision_scale), 50) for k, v in NIH_SCALE.items()})
+    data = load_head_data(path, device=device)
+    native = device.type == "cuda" or cpu_has_native_bf16()
+    gaps, seconds = [], {"fp32": 0.0, "bf16": 0.0}
+    for head in PRECISION_HEADS:
+        aucs = {}
+        for precision in ("fp32", "bf16"):
+            settings = {**DEFAULTS, **head, "max_epochs": 30, "precision": precision}
+            fit = fit_head(train=data.train, val=data.val, settings=settings, device=device)
+            aucs[precision], seconds[precision] = fit.best_val_auc, seconds[precision] + fit.seconds
+        gaps.append(aucs["bf16"] - aucs["fp32"])
+    return [{"stage": "heads", "measure": f"bf16 autocast vs fp32, {len(gaps)} heads, val mean AUC",
+             "value": f"{max(gaps, key=abs):+.4f}",
+             "note": f"largest gap of depths {sorted({h['depth'] for h in PRECISION_HEADS})}, gaps "
+                     f"{', '.join(f'{g:+.4f}' for g in gaps)}; {len(data.train)} train rows x "
+                     f"{data.train.features.shape[1]}; bf16 took {seconds['bf16'] / seconds['fp32']:.2f}x the "
+                     f"fp32 time ({'native bf16' if native else 'no native bf16 here: emulated'})"}]
+
+
 def run(args) -> list[dict]:
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.only_precision:
+            return precision_rows(args, Path(tmp), device)
         rows = nih_scale_rows(args, Path(tmp), device)
         if not args.skip_sklearn:
             rows += cnn_like_rows(args, Path(tmp), device)
+        rows += precision_rows(args, Path(tmp), device)
     return rows
 
 

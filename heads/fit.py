@@ -2,7 +2,8 @@
 validation, predict probabilities, save and load a checkpoint. No I/O beyond the checkpoint.
 
 `fit_heads` trains any number of heads in one pass over the same minibatches (stacked by
-shape, heads/stack.py); `fit_head` is the one-head case."""
+shape, heads/stack.py); `fit_head` is the one-head case. `Training` is one such pass, one epoch
+at a time, for callers that train several side by side and stop heads between epochs."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cache.runtime import cpu_has_native_bf16
 from heads.data import HeadData, HeadsError
 from heads.evaluate import auc_on_device
 from heads.model import build_head
@@ -22,7 +24,7 @@ PREDICT_CHUNK = 65536  # rows per forward pass when scoring: bounds activation m
 # more heads than fit are trained in further passes over the same minibatch order.
 STACK_BYTES = 2 * 2**30
 VALIDATION_BYTES = 256 * 2**20  # activations of one validation chunk, all heads of a stack
-SHARED_SETTINGS = ("batch_size", "seed")  # what heads sharing minibatches must agree on
+SHARED_SETTINGS = ("batch_size", "seed", "precision")  # what heads sharing minibatches must agree on
 
 
 @dataclass
@@ -62,7 +64,7 @@ def fit_heads(*, train, val, settings_list: list, device, on_epoch=None, max_sta
     if not settings_list:
         return []
     for name in SHARED_SETTINGS:
-        values = {s[name] for s in settings_list}
+        values = {s.get(name) for s in settings_list}
         if len(values) > 1:
             raise ValueError(f"heads trained in one pass share {name}; got {sorted(values)}")
     results = [None] * len(settings_list)
@@ -88,44 +90,98 @@ def plan_passes(settings_list: list, *, in_dim: int, n_classes: int, max_stack_b
     return passes + [current]
 
 
-def _autocast_for(device: torch.device):
-    """bf16 autocast on a CUDA GPU that has it (fp32 master weights in the stack). On the CPU
-    the float16 batch is converted to float32 instead: CPUs without native bf16 run bf16
-    matmuls slower than fp32."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 on a CUDA GPU that has it and on a CPU with native bf16 units (AVX512-BF16
+    or AMX), fp32 elsewhere, where bf16 is emulated and slower than fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def _autocast_for(precision: str, device: torch.device):
+    """bf16 autocast of the forward pass (fp32 master weights and Adam state in the stack), or none."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
 def _run_pass(indices: list, settings_list: list, results: list, *, train, val, device, on_epoch) -> None:
-    start = time.perf_counter()
-    shared = settings_list[indices[0]]
-    shuffle = torch.Generator(device="cpu").manual_seed(shared["seed"])
-    by_shape = {}
+    training = Training(indices, settings_list, train=train, val=val, device=device)
+    while training.live():
+        training.run_epoch(on_epoch=on_epoch)
     for index in indices:
-        by_shape.setdefault(shape_of(settings_list[index]), []).append(index)
-    stacks = []
-    for members in by_shape.values():
-        stack = HeadStack(settings_list=[settings_list[i] for i in members], in_dim=train.features.shape[1],
-                          train_labels=train.labels, device=device)
-        stack.indices = members
-        stacks.append(stack)
-    tracks = {i: _Track(settings_list[i]) for i in indices}
-    autocast = _autocast_for(device)
-    convert = device.type != "cuda" or autocast is contextlib.nullcontext
-    max_epochs = max(settings_list[i]["max_epochs"] for i in indices)
-    for epoch in range(1, max_epochs + 1):
-        stacks = [stack for stack in stacks if len(stack)]
-        if not stacks:
-            break
-        for first, stop in epoch_slices(len(train), shared["batch_size"], shuffle):
-            x = train.features[first:stop]
-            x = x.float() if convert else x
-            targets = train.labels[first:stop]
-            for stack in stacks:
-                stack.train_step(x, targets, autocast=autocast)
-        for stack in stacks:
-            _end_epoch(stack, epoch, tracks, results, train=train, val=val, start=start, on_epoch=on_epoch)
+        results[index] = training.results[index]
+
+
+class Training:
+    """Heads that share one stream of minibatches (one batch size, seed and precision), trained
+    one epoch at a time, so that a caller can train several of these side by side and stop heads
+    between epochs (successive halving in search/passes.py). `results[index]` is set when the
+    head at `index` of `settings_list` stops."""
+
+    def __init__(self, indices: list, settings_list: list, *, train, val, device):
+        device = torch.device(device)
+        self.start = time.perf_counter()
+        self.train, self.val = train, val
+        shared = settings_list[indices[0]]
+        self.batch_size = shared["batch_size"]
+        self.shuffle = torch.Generator(device="cpu").manual_seed(shared["seed"])
+        by_shape = {}
+        for index in indices:
+            by_shape.setdefault(shape_of(settings_list[index]), []).append(index)
+        self.stacks = []
+        for members in by_shape.values():
+            stack = HeadStack(settings_list=[settings_list[i] for i in members], in_dim=train.features.shape[1],
+                              train_labels=train.labels, device=device)
+            stack.indices = members
+            self.stacks.append(stack)
+        self.tracks = {i: _Track(settings_list[i]) for i in indices}
+        self.results = {}
+        self.autocast = _autocast_for(resolve_precision(shared.get("precision", "auto"), device), device)
+        self.convert = self.autocast is contextlib.nullcontext  # float16 features -> float32
+        self.epoch = 0
+
+    def live(self) -> list:
+        """Indices of the heads still training."""
+        return [index for stack in self.stacks for index in stack.indices]
+
+    def best_val_auc(self, index: int) -> float:
+        return self.tracks[index].best_val_auc
+
+    def run_epoch(self, *, on_epoch=None) -> None:
+        """One epoch of every live head, then score, record and stop the heads that are done."""
+        self.epoch += 1
+        for first, stop in epoch_slices(len(self.train), self.batch_size, self.shuffle):
+            x = self.train.features[first:stop]
+            x = x.float() if self.convert else x
+            targets = self.train.labels[first:stop]
+            for stack in self.stacks:
+                stack.train_step(x, targets, autocast=self.autocast)
+        for stack in self.stacks:
+            _end_epoch(stack, self.epoch, self.tracks, self.results, train=self.train, val=self.val,
+                       start=self.start, on_epoch=on_epoch)
+        self.stacks = [stack for stack in self.stacks if len(stack)]
+
+    def stop(self, indices, *, status: str, reason: str | None = None) -> None:
+        """Stop the live heads at `indices` (of `settings_list`) with `status`; their results keep
+        the best weights and history so far."""
+        indices = set(indices)
+        for stack in self.stacks:
+            positions = [p for p, index in enumerate(stack.indices) if index in indices]
+            for position in positions:
+                _finish(stack, position, self.tracks, self.results, status=status, reason=reason, start=self.start)
+            _keep(stack, [p for p in range(len(stack)) if p not in positions])
+        self.stacks = [stack for stack in self.stacks if len(stack)]
+
+    def abandon(self, reason: str) -> None:
+        """Fail every live head with `reason` (the group itself failed: out of memory)."""
+        for index in self.live():
+            self.results[index] = FitResult(model=None, best_epoch=0, best_val_auc=float("nan"),
+                                            seconds=time.perf_counter() - self.start, status="failed",
+                                            fail_reason=reason, settings=self.tracks[index].settings)
+        self.stacks = []
 
 
 @dataclass
@@ -137,7 +193,7 @@ class _Track:
     best_val_auc: float = -1.0
 
 
-def _end_epoch(stack: HeadStack, epoch: int, tracks: dict, results: list, *, train, val, start, on_epoch) -> None:
+def _end_epoch(stack: HeadStack, epoch: int, tracks: dict, results: dict, *, train, val, start, on_epoch) -> None:
     """Score every live head of the stack, record, keep the best weights, stop the heads that
     are done (failed, pruned, patience or max_epochs spent) and drop them from the stack."""
     losses = stack.take_epoch_losses(n_rows=len(train))

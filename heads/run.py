@@ -9,11 +9,13 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import torch
+
 from cache.outdir import discard_partial, finish_out_dir, prepare_out_dir
 from cache.runtime import versions
 from heads.data import HeadData, classes_without_train_positive, load_head_data, scoring_warnings
 from heads.estimator import Head
-from heads.fit import predict_proba
+from heads.fit import predict_proba, resolve_precision
 from heads.model import WEIGHTING_FORMULA
 from heads.report import format_table, per_class_table, score_run, write_run
 
@@ -77,7 +79,8 @@ def run_config(*, cache_path, data, settings, device, class_weights_used: dict, 
         "cache_attrs": _recipe_attrs(data.attrs),
         "official_nih_test_split": data.official_nih,
         "classes_without_train_positive": classes_without_train_positive(data),
-        "device": str(device), "class_weights": {**class_weights_used, "formula": WEIGHTING_FORMULA},
+        "device": str(device), "precision": resolve_precision(settings.get("precision", "auto"), torch.device(device)),
+        "class_weights": {**class_weights_used, "formula": WEIGHTING_FORMULA},
         "standardization": ("features minus train mean, divided by train std (stored in head.pt), "
                             "held as float16"),
         "selection": ("epoch (and grid entry) with the best validation mean AUC, over the classes validation can "

@@ -42,6 +42,9 @@ SETTINGS = (
     Setting("max_epochs", 100, "upper bound on epochs; early stopping usually ends sooner", valid=Valid(1, 100_000)),
     Setting("patience", 5, "epochs without a better validation mean AUC before stopping", valid=Valid(1, 100_000)),
     Setting("seed", 0, "seed for initialisation, shuffling and dropout", valid=Valid(0, 2 ** 63 - 1)),
+    Setting("precision", "auto", "training precision; auto: bf16 autocast on CUDA and on CPUs with native bf16 "
+            "(avx512_bf16 or amx_bf16), fp32 elsewhere (emulated bf16 is slower there)",
+            choices=("auto", "fp32", "bf16")),
 )
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 DEFAULTS = {setting.name: setting.default for setting in SETTINGS}

@@ -1,12 +1,17 @@
 """Trials run in passes: K trials asked from Optuna at once (TPE with the constant-liar strategy,
-so that a pass spreads out instead of proposing K near-copies), their heads trained together by
-`heads.fit.fit_heads` on one stream of minibatches, each head reported and pruned on its own,
-then all K told to the study in trial-number order.
+so that a pass spreads out instead of proposing K near-copies), their heads trained side by side
+(`heads.fit.Training`: heads of one batch size share one stream of minibatches), each head
+reported and pruned on its own, then all K told to the study in trial-number order.
+
+Successive halving inside a pass (`Halving`): most of a search's epochs would go to heads that
+lose, so at each rung the pass keeps only its best heads by validation AUC. The groups of a pass
+advance one epoch at a time together, so that a rung compares all K heads at the same epoch.
 
 Why this order makes threaded searches reproducible: trials are asked by one thread, before any
 of them trains, from a study whose content depends only on earlier passes; the median pruner
-compares only completed trials, which change only between passes. Threads (`--n-jobs`) share the
-training of a pass, and each head's result does not depend on its neighbours.
+compares only completed trials, which change only between passes; a rung is decided after every
+group has finished the epoch. Threads (`--n-jobs`) share the training of a pass, and each head's
+result does not depend on its neighbours.
 
 Exactly N: a pass asks only for the room left (N minus finished and running trials), and every
 trial asked is admitted only if fewer than N not-failed trials (finished, or asked and still
@@ -25,7 +30,7 @@ from optuna.trial import TrialState
 
 from heads import settings as head_settings
 from heads.data import HeadsError
-from heads.fit import FitResult, fit_heads
+from heads.fit import FitResult, Training
 from search.study import FINISHED, admitted, count, fail_trial
 
 POLL_S = 2.0  # how often a worker waiting for others' last trials looks again
@@ -43,6 +48,7 @@ class SearchContext:
     target: int
     liveness: object  # search.liveness.Liveness
     feature_sets: dict | None = None  # name -> block names, when several caches are searched
+    halving: "Halving | None" = None  # successive halving inside each pass; None: none
 
 
 def run_passes(run: SearchContext, *, per_pass: int, n_jobs: int, deadline: float | None, on_pass=None) -> int:
@@ -86,9 +92,13 @@ def run_one_pass(run: SearchContext, trials: list, *, n_jobs: int) -> int:
     try:
         settings = [suggest(run, trial) for trial in trials]
         with run.liveness.beating(run.study, trials):
-            results = train_pass(run, trials, settings, n_jobs=n_jobs)
+            results, stopped_at = train_pass(run, trials, settings, n_jobs=n_jobs)
         finished = 0
         for index in sorted(range(len(trials)), key=lambda i: trials[i].number):
+            if index in stopped_at:
+                rung, epoch = stopped_at[index]
+                trials[index].set_user_attr("halving_rung", rung)
+                trials[index].set_user_attr("halving_rung_epoch", epoch)
             finished += tell(run.study, trials[index], results[index])
             told.add(index)
         return finished
@@ -105,19 +115,34 @@ def suggest(run: SearchContext, trial) -> dict:
     return settings
 
 
-def train_pass(run: SearchContext, trials: list, settings: list, *, n_jobs: int) -> list:
+def train_pass(run: SearchContext, trials: list, settings: list, *, n_jobs: int) -> tuple[list, dict]:
     """Heads that can share minibatches (one batch size, one feature set) train together; the
-    groups, split into `n_jobs` shares, run in threads. Returns one FitResult per trial."""
+    groups, split into `n_jobs` shares, train side by side one epoch at a time in threads, and
+    at each rung of `run.halving` the pass keeps its best heads. Returns one FitResult per trial
+    and {trial index: (rung, epoch)} for the heads a rung stopped."""
     groups = {}
     for index, chosen in enumerate(settings):
         groups.setdefault((chosen["batch_size"], chosen.get("features", "")), []).append(index)
     units = [share for members in groups.values() for share in _split(members, n_jobs)]
-    results = [None] * len(trials)
+    trainings = [start_training(run, settings, members) for members in units]
+    on_epoch = _pruner_callback(trials)
+    halving = run.halving or Halving.off()
+    rungs = halving.rungs(run.fixed["max_epochs"])
+    stopped_at = {}
     with ThreadPoolExecutor(max_workers=max(1, min(n_jobs, len(units)))) as pool:
-        for unit_results in pool.map(lambda unit: train_group(run, trials, settings, unit), units):
-            for index, result in unit_results:
-                results[index] = result
-    return results
+        epoch = 0
+        while any(training.live() for training in trainings):
+            epoch += 1
+            list(pool.map(lambda training: _run_epoch(training, on_epoch), [t for t in trainings if t.live()]))
+            if epoch in rungs:
+                rung = rungs.index(epoch) + 1
+                for index in halving.cut(trainings, rung=rung, started=len(trials), trials=trials):
+                    stopped_at[index] = (rung, epoch)
+    results = [None] * len(trials)
+    for training in trainings:
+        for index, result in training.results.items():
+            results[index] = result
+    return results, stopped_at
 
 
 def _split(members: list, shares: int) -> list:
@@ -125,21 +150,77 @@ def _split(members: list, shares: int) -> list:
     return [members[start:start + size] for start in range(0, len(members), size)]
 
 
-def train_group(run: SearchContext, trials: list, settings: list, members: list) -> list:
-    """fit_heads on one group; a failure of the whole group (out of memory) fails each of its trials."""
-    def on_epoch(position, epoch, val_auc):
-        trial = trials[members[position]]
-        trial.report(val_auc, epoch)
-        return not trial.should_prune()
-
+def start_training(run: SearchContext, settings: list, members: list):
+    """The heads of `members` on one minibatch stream (heads.fit.Training); a group whose
+    stacks cannot be built (out of memory) comes back already failed."""
     train, val = feature_view(run, settings[members[0]])
     try:
-        results = fit_heads(train=train, val=val, settings_list=[settings[i] for i in members], device=run.device,
-                            on_epoch=on_epoch)
+        return Training(members, settings, train=train, val=val, device=run.device)
     except TRAINING_ERRORS as err:
-        reason = f"{type(err).__name__}: {err}"
-        results = [_failed(reason) for _ in members]
-    return list(zip(members, results))
+        return _FailedTraining({index: _failed(f"{type(err).__name__}: {err}") for index in members})
+
+
+def _pruner_callback(trials: list):
+    def on_epoch(index, epoch, val_auc):
+        trials[index].report(val_auc, epoch)
+        return not trials[index].should_prune()
+    return on_epoch
+
+
+def _run_epoch(training, on_epoch) -> None:
+    """One epoch; a failure of the whole group (out of memory) fails each of its live heads."""
+    try:
+        training.run_epoch(on_epoch=on_epoch)
+    except TRAINING_ERRORS as err:
+        training.abandon(f"{type(err).__name__}: {err}")
+
+
+@dataclass
+class _FailedTraining:
+    results: dict
+
+    def live(self) -> list:
+        return []
+
+
+@dataclass(frozen=True)
+class Halving:
+    """Synchronous successive halving inside a pass (Jamieson and Talwalkar 2016, the inner loop
+    of Hyperband): every head of the pass trains `first_rung` epochs, then the best 1/eta by
+    validation AUC (best epoch so far, on the full val split) go on to `first_rung * eta`
+    epochs, and so on; after the last rung below max_epochs the survivors train until early
+    stopping, as a trial alone would. A rung stops only other heads, so a surviving head trains
+    exactly as it would alone. eta 1 is no halving."""
+    first_rung: int
+    eta: int
+
+    @classmethod
+    def off(cls) -> "Halving":
+        return cls(first_rung=1, eta=1)
+
+    def rungs(self, max_epochs: int) -> list:
+        """The epochs after which a pass is cut."""
+        if self.eta < 2:
+            return []
+        epochs, epoch = [], self.first_rung
+        while epoch < max_epochs:
+            epochs.append(epoch)
+            epoch *= self.eta
+        return epochs
+
+    def cut(self, trainings: list, *, rung: int, started: int, trials: list) -> list:
+        """Stop all but the best max(1, started // eta^rung) live heads (ties: the earlier
+        trial); returns the trial indices stopped. The count follows the schedule, not the heads
+        still live, so heads the pruner or early stopping ended do not shrink the later rungs."""
+        keep = max(1, started // self.eta ** rung)
+        live = [(training, index) for training in trainings for index in training.live()]
+        ranked = sorted(live, key=lambda item: (-item[0].best_val_auc(item[1]), trials[item[1]].number))
+        losers = {}
+        for training, index in ranked[keep:]:
+            losers.setdefault(id(training), (training, []))[1].append(index)
+        for training, indices in losers.values():
+            training.stop(indices, status="pruned")
+        return sorted(index for _, indices in losers.values() for index in indices)
 
 
 def _failed(reason: str) -> FitResult:

@@ -26,18 +26,18 @@ from heads.cli import add_io_args, cache_paths
 from heads.data import HeadsError, load_head_data
 from heads.run import train_and_report
 from search.liveness import Liveness
-from search.passes import SearchContext, run_passes
+from search.passes import Halving, SearchContext, run_passes
 from search.report import print_standing, print_summary, write_search_outputs
 from search.storage import SearchError, is_shared, mask_text, mask_url, parse_url, sole_user
 from search.study import FINISHED, best_text, best_trial, count, fail_interrupted_trials, open_study, study_identity
 
-# Trials per pass when --trials-per-pass is not given, by device. Measured on a 2-core CPU with
-# the benchmark's defaults (100 trials, 19,536 train rows x 2048, median pruner): K = 8 took
-# 832 s against 1212 s for one trial at a time, best validation AUC 0.0025 lower (README,
-# performance). Linear heads share their matrix multiply; deep heads gain little on a CPU,
-# where a step is arithmetic. A GPU step is launch overhead that K heads share, hence more
-# there (not yet measured on a GPU).
-DEFAULT_PER_PASS = {"cpu": 8, "cuda": 32}
+# Trials per pass when --trials-per-pass is not given, by device, and the successive-halving
+# schedule inside a pass (README, performance: measured on a 2-core CPU with the benchmark's
+# defaults against one trial at a time). A pass of 16 keeps its best 5 after one epoch and its
+# best one after three: most epochs go to the heads that win. A GPU step is launch overhead
+# that K heads share, hence more heads there (not yet measured on a GPU).
+DEFAULT_PER_PASS = {"cpu": 16, "cuda": 32}
+DEFAULT_FIRST_RUNG, DEFAULT_ETA = 1, 3
 DEFAULT_STALE_AFTER_S = 60.0
 SEED_MAX = 2**32 - 1  # numpy's RandomState, behind Optuna's samplers, takes seeds up to here
 SEED_TYPE = number_type(int, Valid(0, SEED_MAX))
@@ -71,6 +71,12 @@ def get_args_parser(add_help=True):
                         help="K trials asked at once and trained together on one stream of minibatches; 1 trains "
                              f"one at a time (default: {DEFAULT_PER_PASS['cpu']} on CPU, "
                              f"{DEFAULT_PER_PASS['cuda']} on CUDA)")
+    parser.add_argument("--halving-first-rung", type=number_type(int, Valid(1)), default=DEFAULT_FIRST_RUNG,
+                        help="successive halving inside a pass: every head trains this many epochs, then the best "
+                             f"1/eta go on (>= 1; default: {DEFAULT_FIRST_RUNG})")
+    parser.add_argument("--halving-eta", type=number_type(int, Valid(1)), default=DEFAULT_ETA,
+                        help="at each rung (first rung x eta^i epochs) a pass keeps its best 1/eta heads by "
+                             f"validation AUC; 1 turns halving off (>= 1; default: {DEFAULT_ETA})")
     parser.add_argument("--n-jobs", type=number_type(int, Valid(1)), default=1,
                         help="threads of this process that share the training of each pass (>= 1)")
     parser.add_argument("--timeout", type=number_type(float, Valid(0, low_open=True)), default=None,
@@ -80,7 +86,8 @@ def get_args_parser(add_help=True):
                              "(any shared storage), after which a running trial counts as its dead worker's and "
                              "is failed, so the study still reaches N (>= 6)")
     parser.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"],
-                        help="stop unpromising trials early from their per-epoch validation AUC")
+                        help="stop unpromising trials early from their per-epoch validation AUC (besides the halving "
+                             "inside a pass: --halving-eta 1 turns that off)")
     parser.add_argument("--sampler-seed", type=SEED_TYPE, default=0,
                         help=f"seed of the TPE sampler, 0 to {SEED_MAX}; it uses this plus --worker-index")
     parser.add_argument("--worker-index", type=SEED_TYPE, default=0,
@@ -152,6 +159,7 @@ def search_and_report(args, *, out: Path, url: str, seed: int) -> int:
     best = best_trial(study)
     search_config = {"study": args.study_name, "storage": mask_url(url), "trials": args.trials,
                      "trials_per_pass": per_pass, "n_jobs": args.n_jobs, "pruner": args.pruner,
+                     "halving": {"first_rung": args.halving_first_rung, "eta": args.halving_eta},
                      "sampler": "TPE, constant liar", "sampler_seed": seed, "worker_index": args.worker_index,
                      "fixed": fixed, "search_space": space, "cache": [str(p) for p in paths], "feature_sets": sets}
     run_dir, metrics, settings, best_data = retrain_best(best, args=args, out=out, data=data, fixed=fixed,
@@ -203,7 +211,8 @@ def run_with_progress(study, *, args, data, fixed, device, url, per_pass, sets) 
     liveness = Liveness(url, stale_after=args.stale_after)
     try:
         run = SearchContext(study=study, data=data, fixed=fixed, device=device, target=args.trials,
-                            liveness=liveness, feature_sets=sets)
+                            liveness=liveness, feature_sets=sets,
+                            halving=Halving(first_rung=args.halving_first_rung, eta=args.halving_eta))
         return run_passes(run, per_pass=per_pass, n_jobs=args.n_jobs, on_pass=on_pass,
                           deadline=None if args.timeout is None else time.time() + args.timeout)
     finally:

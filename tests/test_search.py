@@ -16,6 +16,7 @@ import heads.run
 import search.passes
 import search.plots
 import search.run
+from heads.stack import HeadStack
 from cache.synthetic import write_synthetic_cache
 from conftest import REPO, call_main
 
@@ -109,19 +110,22 @@ def torch_noise(shape):
 
 
 def test_a_failing_head_fails_only_its_trial(small_cache, tmp_path, monkeypatch):
-    real_fit_heads = search.passes.fit_heads
+    real_losses = HeadStack.take_epoch_losses
     group = {}
 
-    def one_head_goes_nan(**kwargs):
-        results = real_fit_heads(**kwargs)
-        if not group and len(results) >= 2:  # the second head of the first group trained together
-            group["lrs"] = [settings["lr"] for settings in kwargs["settings_list"]]
-            results[1].status, results[1].fail_reason = "failed", "training loss became nan at epoch 3"
-        return results
-    monkeypatch.setattr(search.passes, "fit_heads", one_head_goes_nan)
+    def second_head_goes_nan_at_epoch_3(stack, n_rows):
+        losses = real_losses(stack, n_rows)
+        if not group and len(stack) >= 2:  # the first stack of two heads or more trained together
+            group.update(stack=stack, epochs=0, lrs=[settings["lr"] for settings in stack.settings])
+        if group.get("stack") is stack:
+            group["epochs"] += 1
+            if group["epochs"] == 3:
+                losses[1] = float("nan")
+        return losses
+    monkeypatch.setattr(HeadStack, "take_epoch_losses", second_head_goes_nan_at_epoch_3)
     out = tmp_path / "s"
     call_main("search", "--cache", small_cache, "--out", out, "--trials", "8", "--trials-per-pass", "8",
-              "--pruner", "none", *QUICK, check_rc=0)
+              "--pruner", "none", "--halving-eta", "1", *QUICK, check_rc=0)
     study = _study(out)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and "nan" in failed[0].user_attrs["fail_reason"]
@@ -236,13 +240,13 @@ def test_out_that_is_a_file_or_a_foreign_folder_is_refused(small_cache, tmp_path
 
 def test_pruner_none_never_prunes_and_hyperband_prunes_at_its_rungs(small_cache, tmp_path):
     out = tmp_path / "none"
-    call_main("search", "--cache", small_cache, "--out", out, "--trials", "10", "--pruner", "none", *QUICK,
-              check_rc=0)
+    call_main("search", "--cache", small_cache, "--out", out, "--trials", "10", "--pruner", "none",
+              "--halving-eta", "1", *QUICK, check_rc=0)
     study = _study(out)
     assert len(study.trials) == 10 and all(t.state == TrialState.COMPLETE for t in study.trials)
     out = tmp_path / "hyperband"
-    call_main("search", "--cache", small_cache, "--out", out, "--trials", "14", "--pruner", "hyperband", *QUICK,
-              check_rc=0)
+    call_main("search", "--cache", small_cache, "--out", out, "--trials", "14", "--pruner", "hyperband",
+              "--halving-eta", "1", *QUICK, check_rc=0)
     pruned = [t for t in _study(out).trials if t.state == TrialState.PRUNED]
     # rungs at min_resource 2 times powers of the reduction factor 3; the median pruner would
     # stop trials at any epoch after its 2 warm-up epochs
