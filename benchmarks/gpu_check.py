@@ -138,7 +138,8 @@ def run(args) -> tuple[list[dict], bool]:
     scale = "0.01" if args.quick else "1"
     if "heads" in checks:
         rows += bench_heads.run(bench_heads.get_args_parser().parse_args(
-            ["--scale", scale, "--device", device.type, "--skip-sklearn"]))
+            ["--scale", scale, "--device", device.type, "--skip-sklearn",
+             *(["--precision-scale", "0.002"] if args.quick else [])]))
     if "search" in checks:
         rows += bench_search.run(bench_search.get_args_parser().parse_args(
             ["--scale", scale, "--dim", "2048", "--device", device.type, "--pruner", "median",
