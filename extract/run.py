@@ -83,7 +83,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--val-list", default=None,
                         help="take val from this list of image ids (a published split of train_val_list.txt) "
                              "instead of the seeded patient split")
-    parser.add_argument("--split-seed", type=bounded(int, low=0, high=2**32 - 1), default=0,
+    parser.add_argument("--split-seed", type=number_type(int, Valid(0, 2**32 - 1)), default=0,
                         help="seed of the patient-wise val split, 0..2**32-1")
     parser.add_argument("--random-split", action="store_true",
                         help="without official split lists, fall back to a seeded patient-wise split")
