@@ -94,6 +94,9 @@ def check_out_dir(out, *, kind: str, overwrite: bool) -> None:
     """Refuse, before any work, an --out that cannot become a folder of `kind` built aside and
     renamed: see the module's rules. Raises OutDirError."""
     out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise OutDirError(f"--out {out} names no folder of its own (it is built aside as <out>.partial and "
+                          f"renamed): give a folder name, e.g. runs/NAME")
     found = _existing_kind(out)
     if found is not None and found != kind:
         raise OutDirError(f"--out {out} is {_what(found)}; --overwrite replaces only a {kind} folder: "

@@ -287,7 +287,10 @@ def read_attrs(path) -> dict:
 def _decode_attrs(path, raw) -> dict:
     attrs = {}
     for key, value in raw.items():
-        value = _plain(value)
+        try:
+            value = _plain(value)
+        except UnicodeDecodeError:
+            raise _damaged(path, f"attribute {key} is not UTF-8 text") from None
         if key in ("preprocessing", "versions") and isinstance(value, str):
             try:
                 value = json.loads(value)

@@ -8,6 +8,7 @@ printed or written: `mask_url` for the URL, `mask_text` for any message that may
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import time
@@ -157,12 +158,29 @@ def has_heartbeat(url: str) -> bool:
     return is_shared(url) and not url.startswith("journal:")
 
 
+def _refuse_foreign_journal(path: str, *, url: str) -> None:
+    """Refuse a file that is neither new, empty, nor an Optuna journal: Optuna would append its
+    records to it (a user's file, a run's config.json) before finding it unreadable."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    try:
+        with open(path, "rb") as handle:
+            first = json.loads(handle.readline(1 << 20))
+    except (OSError, ValueError):
+        first = None
+    if not (isinstance(first, dict) and "op_code" in first):
+        raise SearchError(f"--storage {url}: the file is not an Optuna journal (its first line is not a journal "
+                          f"record) and is left alone: give a new file, or the journal a search wrote")
+
+
 def open_storage(url: str, *, stale_after: float):
     """An Optuna storage for `url`, with a clear SearchError (secrets masked) if unusable."""
     if url.startswith("journal:"):
+        path = url.removeprefix("journal:")
+        _refuse_foreign_journal(path, url=url)
         try:
-            return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-        except OSError as err:
+            return JournalStorage(JournalFileBackend(path))
+        except (OSError, ValueError) as err:
             raise SearchError(f"cannot open journal file {url}: {err}") from err
     parsed = parse_url(url)
     if parsed is None:

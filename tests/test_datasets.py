@@ -147,6 +147,19 @@ def test_a_row_with_more_cells_than_the_header_names_its_line(tmp_path):
         datasets.load("csv", data_dir, options)
 
 
+
+@pytest.mark.parametrize("header, message", [
+    ("path,patient_id,split,Effusion,Effusion", r"labels.csv line 1: column 'Effusion' appears twice"),
+    ("path,patient_id,split,,Mass", r"labels.csv line 1: column 4 has no name"),
+])
+def test_a_label_column_named_twice_or_not_at_all_is_refused(tmp_path, header, message):
+    """pandas would rename it (Effusion.1, Unnamed: 3), and the cache would hold a class the file never named."""
+    data_dir, options = dataset_layouts.own_csv(tmp_path)
+    lines = open(options.labels_csv).read().splitlines()
+    open(options.labels_csv, "w").write("\n".join([header] + lines[1:]) + "\n")
+    with pytest.raises(DatasetError, match=message):
+        datasets.load("csv", data_dir, options)
+
 # MIMIC -------------------------------------------------------------------------------------
 
 def test_mimic_study_labels_reach_every_image_of_the_study_and_splits_are_official(tmp_path):

@@ -138,3 +138,21 @@ def test_a_folder_marked_before_kinds_were_recorded_is_told_by_its_files(made, s
     assert result.returncode == 2 and "is a search folder" in result.stderr and _snapshot(old_search) == before
     result = call_main("heads.train", "--cache", small_cache, "--out", interrupted, "--overwrite")
     assert result.returncode == 2 and "older version" in result.stderr and (interrupted / MARKER).exists()
+
+
+@pytest.mark.parametrize("command", ["heads.train", "heads.baseline", "heads.compare"])
+@pytest.mark.parametrize("out", [".", ".."])
+def test_an_out_that_names_no_folder_of_its_own_is_one_line(made, small_cache, tmp_path, monkeypatch, command, out):
+    """`--out .` in an empty folder: the folder is built as <out>.partial, and '.' has no name
+    to add '.partial' to (a ValueError traceback before)."""
+    work = tmp_path / "empty" / "here"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    arguments = {
+        "heads.train": ["--cache", small_cache, *QUICK_TRAIN],
+        "heads.baseline": ["--cache", small_cache, "--bootstrap", "5"],
+        "heads.compare": [made / "run", made / "search" / "best_run", "--bootstrap", "20"],
+    }[command]
+    result = call_main(command, *arguments, "--out", out)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "names no folder of its own" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "empty").rglob("*")) == ["here"]

@@ -228,3 +228,15 @@ def test_one_process_on_a_journal_is_reproducible_from_the_seed_it_records(small
     config = json.loads((tmp_path / "c" / "config.json").read_text())
     assert (config["sampler_seed"], config["worker_index"]) == (3, 2)
     assert _outcomes(_journal_study(tmp_path / "c.log")) == studies[0]  # the recorded seed is the one used
+
+
+@pytest.mark.parametrize("content", ["my notes\nline two\n", '{\n  "model": "head"\n}\n'])
+def test_a_journal_path_naming_a_file_that_is_not_a_journal_is_left_alone(small_cache, tmp_path, content):
+    """A user's text file or a run's config.json given as journal:PATH: Optuna appended its
+    records to the first and died with a JSONDecodeError traceback on the second."""
+    victim = tmp_path / "notes.txt"
+    victim.write_text(content)
+    result = call_main("search", "--cache", small_cache, "--out", tmp_path / "s", "--trials", "1",
+                       "--storage", f"journal:{victim}", *QUICK)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not an Optuna journal" in result.stderr
+    assert victim.read_text() == content

@@ -15,7 +15,7 @@ import pandas as pd
 
 from cache.schema import SPLITS
 from extract.datasets import register
-from extract.datasets.table import (DatasetError, Options, check_relative_path, file_sha256, make_rows, read_csv,
+from extract.datasets.table import (DatasetError, Options, check_relative_path, file_sha256, header_names, make_rows, read_csv,
                                     seeded_split, select, ternary_labels)
 
 REQUIRED = ("path", "patient_id")
@@ -34,6 +34,9 @@ def read(data_dir: Path, options: Options) -> tuple[dict, dict]:
         raise DatasetError(f"--labels-csv {csv_path}: no such file")
     uncertain = options.uncertain or "mask"
     frame = read_csv(csv_path, columns=REQUIRED, dataset="own labels")
+    blank = [position for position, name in enumerate(header_names(csv_path), start=1) if not name]
+    if blank:
+        raise DatasetError(f"{csv_path} line 1: column {blank[0]} has no name; name it (a label) or remove it")
     classes = [c for c in frame.columns if c not in REQUIRED + METADATA]
     if not classes:
         raise DatasetError(f"{csv_path}: no label columns besides {', '.join(REQUIRED + METADATA)}")

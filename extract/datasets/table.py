@@ -111,6 +111,7 @@ def read_csv(path, *, columns, dataset: str, only_columns: bool = False) -> pd.D
                            f"is it the {dataset} CSV?") from None
     except (OSError, ValueError, pd.errors.ParserError, EOFError) as err:
         raise DatasetError(f"cannot read {path}: {str(err).splitlines()[0]}; is it the {dataset} CSV?") from None
+    _check_header(path, dataset=dataset)
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -119,6 +120,24 @@ def read_csv(path, *, columns, dataset: str, only_columns: bool = False) -> pd.D
     for column in columns:
         frame[column] = stripped(frame[column])
     return frame
+
+
+def header_names(path) -> list[str]:
+    """The names in the file's first line, stripped, as written (pandas renames a blank one
+    "Unnamed: N" and a repeated one "NAME.1")."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", newline="", errors="replace") as handle:
+        return [name.strip() for name in next(csv.reader(handle), [])]
+
+
+def _check_header(path, *, dataset: str) -> None:
+    """Refuse a column name given twice: pandas would keep both as NAME and NAME.1, and a
+    label column would enter the cache under a name the file never gave."""
+    names = [name for name in header_names(path) if name]
+    repeated = [name for position, name in enumerate(names) if name in names[:position]]
+    if repeated:
+        raise DatasetError(f"{path} line 1: column {repeated[0]!r} appears twice; each column once "
+                           f"(is it the {dataset} CSV?)")
 
 
 def _first_ragged_line(path) -> int | str:
