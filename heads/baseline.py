@@ -13,7 +13,7 @@ from cache.outdir import check_out_dir
 from heads.cli import add_io_args, cache_paths
 from heads.data import HeadsError, load_head_data
 from heads.estimator import LogisticBaseline
-from heads.run import fit_and_report
+from heads.training import fit_and_report
 
 
 def get_args_parser(add_help=True):

@@ -18,7 +18,7 @@ from heads import settings as head_settings
 from heads.cli import add_io_args, cache_paths
 from heads.data import HeadsError, load_head_data
 from heads.estimator import Head, HeadGrid
-from heads.run import fit_and_report
+from heads.training import fit_and_report
 
 
 def get_args_parser(add_help=True, description="Train a multi-label head on the feature cache."):

@@ -24,7 +24,7 @@ from cache.runtime import DeviceUnavailable, resolve_device
 from heads import settings as head_settings
 from heads.cli import add_io_args, cache_paths
 from heads.data import HeadsError, load_head_data
-from heads.run import train_and_report
+from heads.training import train_and_report
 from search.liveness import Liveness
 from search.passes import SearchContext, run_passes
 from search.report import print_standing, print_summary, write_search_outputs

@@ -10,7 +10,7 @@ import heads.settings
 import search.run
 from cache.synthetic import write_synthetic_cache
 from conftest import call_main
-from heads.run import train_and_report
+from heads.training import train_and_report
 
 QUICK = ["--max-epochs", "8", "--patience", "3", "--bootstrap", "10", "--device", "cpu", "--pruner", "none"]
 ROWS = {"train": 600, "val": 300, "test": 300}
