@@ -184,7 +184,7 @@ def retrain_best(best, *, args, out, data, fixed, device, sets, search_config):
     chosen_paths = [p for p in cache_paths(args) if not chosen or str(p) in sets[chosen]]
     run_dir, metrics = train_and_report(
         cache_path=chosen_paths, settings=settings, out=out / "best_run", device=device, overwrite=True,
-        n_bootstrap=args.bootstrap, data=best_data, quiet=True,
+        n_bootstrap=args.bootstrap, data=best_data, quiet=True, name=args.study_name,
         extra_config={"search": {**search_config, "trial": best.number, "study_val_mean_auc": best.value,
                                  "features": chosen}},
     )
