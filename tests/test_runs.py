@@ -6,7 +6,6 @@ import shutil
 import pandas as pd
 import pytest
 
-import heads.__main__
 from cache.synthetic import write_synthetic_cache
 from conftest import call_main
 from heads.baseline import get_args_parser as baseline_parser
@@ -106,6 +105,3 @@ def test_a_csv_the_kit_did_not_write_is_left_alone(outputs, tmp_path):
     assert csv.read_text() == "my,own,notes\n"
     assert call_main("heads.runs", tmp_path / "nowhere").returncode == 2
 
-
-def test_python_m_heads_names_the_runs_command():
-    assert "heads.runs" in heads.__main__.commands() and "heads.training" not in heads.__main__.commands()
