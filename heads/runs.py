@@ -181,9 +181,9 @@ def _aligned(rows: pd.DataFrame) -> str:
 
 
 def _cell(value) -> str:
-    if isinstance(value, float):
-        return "-" if pd.isna(value) else f"{value:.4f}"
-    return str(value)
+    if value is None or (isinstance(value, float) and pd.isna(value)):  # a run without a validation AUC
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":
