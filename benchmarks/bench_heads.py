@@ -129,7 +129,7 @@ def nih_scale_rows(args, tmp: Path, device) -> list[dict]:
     matrix_mib = sum(s.features.numel() * s.features.element_size() for s in data.splits.values()) / 2**20
     rows = [] if args.skip_epochs else epoch_rows(data, device)
     del data
-    imports_s, imports_mib = measure_process(["-c", "import heads.train, heads.run, matplotlib.pyplot"])
+    imports_s, imports_mib = measure_process(["-c", "import heads.train, heads.training, matplotlib.pyplot"])
     seconds, peak = measure_process(["-m", "heads.train", "--cache", path, "--out", tmp / "nih-run",
                                      "--device", device.type, "--max-epochs", "3"])
     rows.append({"stage": "heads", "measure": "heads.train peak RSS (whole process)", "value": f"{peak:.0f} MiB",

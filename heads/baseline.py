@@ -10,10 +10,10 @@ import sys
 import cache
 from cache.flags import OneLineParser, Valid, number_type
 from cache.outdir import check_out_dir
-from heads.cli import add_io_args, cache_paths
+from heads.cli import add_io_args, add_name_arg, cache_paths
 from heads.data import HeadsError, load_head_data
 from heads.estimator import LogisticBaseline
-from heads.run import fit_and_report
+from heads.training import fit_and_report
 
 
 def get_args_parser(add_help=True):
@@ -21,6 +21,7 @@ def get_args_parser(add_help=True):
                            description="scikit-learn logistic regression on the feature cache.")
     add_io_args(parser, out_help="run directory (default: outputs/runs/sklearn-<time>)", multi_cache=True,
                 device=False)
+    add_name_arg(parser)
     parser.add_argument("--C", type=number_type(float, Valid(0.0, low_open=True)), default=1.0,
                         help="inverse L2 strength (scikit-learn's default; allowed (0, inf))")
     parser.add_argument("--max-iter", type=number_type(int, Valid(1, 1_000_000)), default=1000,
@@ -36,7 +37,8 @@ def main(args) -> int:
         paths = cache_paths(args)
         data = load_head_data(paths, device="cpu")
         fit_and_report(LogisticBaseline(C=args.C, max_iter=args.max_iter, seed=args.seed), cache_path=paths,
-                       data=data, out=out, device="cpu", overwrite=args.overwrite, n_bootstrap=args.bootstrap)
+                       data=data, out=out, device="cpu", overwrite=args.overwrite, n_bootstrap=args.bootstrap,
+                       name=args.name)
     except (cache.CacheError, HeadsError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

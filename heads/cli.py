@@ -1,6 +1,8 @@
 """Command-line pieces shared by the heads and search entry points (so no CLI imports another)."""
 from __future__ import annotations
 
+import argparse
+
 import cache
 from cache.flags import Valid, number_type
 
@@ -32,3 +34,19 @@ def cache_paths(args) -> list:
     if args.cache is None:
         return [cache.DEFAULT_CACHE]
     return [args.cache] if isinstance(args.cache, str) else list(args.cache)
+
+
+def run_name(text: str) -> str:
+    """A run's short name (--name, a comparison's --label), as argparse `type=`: it becomes a
+    table cell, so it may not be empty or hold | or ` or control characters."""
+    name = text.strip()
+    if not name or any(c in name for c in "|`") or not name.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r}: a run name must be non-empty, without | or ` or control "
+                                         "characters")
+    return name
+
+
+def add_name_arg(parser) -> None:
+    parser.add_argument("--name", type=run_name, default=None,
+                        help="the run's short name, recorded in config.json; heads.compare and heads.runs show it "
+                             "(default: none, they show the folder name)")

@@ -13,12 +13,14 @@ same patient resamples, and write the comparison (see `heads.compare`).
 from __future__ import annotations
 
 import json
+from argparse import ArgumentTypeError
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from heads.cli import run_name
 from heads.evaluate import auc_per_class, confidence_intervals, mean_auc
 from heads.paired import delong_test, holm, paired_bootstrap_auc, paired_differences
 
@@ -64,7 +66,7 @@ def load_run(name: str) -> Run:
         if val_classes != classes:
             raise CompareError(f"{val_path} scores other classes than predictions_test.csv beside it; is {name} a "
                                "complete run directory?")
-        val_mean = mean_auc(auc_per_class(*_labels_scores(val, classes)))
+        val_mean = mean_auc(auc_per_class(*labels_and_scores(val, classes)))
     else:
         val_mean = metrics.get("val", {}).get("mean_auc")
     val_mean = None if val_mean is None or np.isnan(val_mean) else float(val_mean)
@@ -185,22 +187,27 @@ def _check_values(frame, *, path, columns, allowed) -> None:
                            f"{written.iat[row, column]}; expected {expected}")
 
 
-def _labels_scores(frame: pd.DataFrame, classes) -> tuple[np.ndarray, np.ndarray]:
+def labels_and_scores(frame: pd.DataFrame, classes) -> tuple[np.ndarray, np.ndarray]:
+    """A predictions frame's labels and probabilities as (rows x classes) arrays."""
     return (frame[[f"label_{c}" for c in classes]].to_numpy(np.uint8),
             frame[[f"prob_{c}" for c in classes]].to_numpy(np.float64))
 
 
 def label_runs(runs: list[Run], *, labels=()) -> list[Run]:
     """Give each run its short name for the tables: the one given as (name, run dir) in `labels`,
-    else its folder name, else parent/folder (two searches' best_run), else the path as given.
-    Raises CompareError for a run labelled twice or a label naming two runs."""
+    else the name it records (heads.train --name, a search's study), else its folder name, else
+    parent/folder (two searches' best_run), else the path as given; a name that another run
+    shares or that is already taken passes to the next. Raises CompareError for a run labelled
+    twice or a label naming two runs."""
     given = {}
     for name, run_dir in labels:
         if Path(run_dir).resolve() in given:
             raise CompareError(f"--label: {run_dir} is labelled twice; give each run one label")
         given[Path(run_dir).resolve()] = name
+    taken = set(given.values())
     for run in runs:
-        run.label = given.get(run.path.resolve()) or _default_label(run, runs, taken=set(given.values()))
+        run.label = given.get(run.path.resolve()) or _default_label(run, runs, taken=taken)
+        taken.add(run.label)
     labels_used = [run.label for run in runs]
     repeated = [label for label in labels_used if labels_used.count(label) > 1]
     if repeated:
@@ -208,10 +215,26 @@ def label_runs(runs: list[Run], *, labels=()) -> list[Run]:
     return runs
 
 
+def recorded_name(config: dict) -> str | None:
+    """The short name a run records (heads.train --name, a search's study for its best_run), or
+    None: unnamed, or a name unfit for a table cell."""
+    name = config.get("name")
+    if name is None and isinstance(config.get("search"), dict):  # best_runs written before runs had names
+        name = config["search"].get("study")
+    try:
+        return run_name(name) if isinstance(name, str) else None
+    except ArgumentTypeError:
+        return None
+
+
+_NAMINGS = (lambda run: recorded_name(run.config), lambda run: run.path.resolve().name,
+            lambda run: f"{run.path.resolve().parent.name}/{run.path.resolve().name}")
+
+
 def _default_label(run: Run, runs: list[Run], *, taken: set) -> str:
-    for naming in (lambda path: path.name, lambda path: f"{path.parent.name}/{path.name}"):
-        name = naming(run.path.resolve())
-        if name not in taken and [naming(other.path.resolve()) for other in runs].count(name) == 1:
+    for naming in _NAMINGS:
+        name = naming(run)
+        if name and name not in taken and [naming(other) for other in runs].count(name) == 1:
             return name
     return run.name
 
@@ -277,8 +300,8 @@ def compare_runs(runs: list[Run], *, reference: int, reference_reason: str = "",
     """Score every run on the same patient resamples; the leaderboard and the paired
     differences of each other run against `reference` (runs must share their test rows)."""
     classes = runs[0].classes
-    labels, _ = _labels_scores(runs[0].test, classes)
-    scores = [_labels_scores(run.test, classes)[1] for run in runs]
+    labels, _ = labels_and_scores(runs[0].test, classes)
+    scores = [labels_and_scores(run.test, classes)[1] for run in runs]
     resampled = paired_bootstrap_auc(labels, scores, runs[0].test["patient_id"].to_numpy(),
                                      n_resamples=n_resamples, seed=seed)
     aucs = [auc_per_class(labels, run_scores) for run_scores in scores]

@@ -47,14 +47,15 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def head_descriptions(comparison: Comparison) -> dict:
+def head_descriptions(runs) -> dict:
     """Per run label: its model and the settings that differ between the runs of that model (the
     ones they share tell the reader nothing about why they differ; comparison.csv has all),
-    numbers to three significant digits, without the hidden-layer settings of a linear head."""
+    numbers to three significant digits, without the hidden-layer settings of a linear head.
+    Shared with heads.runs."""
     described = {}
-    for run in comparison.runs:
+    for run in runs:
         model = run.config.get("model", "?")
-        peers = [other.config.get("settings", {}) for other in comparison.runs if other.config.get("model", "?") == model]
+        peers = [other.config.get("settings", {}) for other in runs if other.config.get("model", "?") == model]
         settings = run.config.get("settings", {})
         differing = [k for k in sorted(settings) if len({json.dumps(p.get(k)) for p in peers}) > 1
                      and not _meaningless(k, settings)]
@@ -95,7 +96,7 @@ def _runs_markdown(comparison) -> list[str]:
     """What each run is: its folder, the features it was trained on (a run on several caches
     lists each), every cache's fingerprint (first 12 hex digits; comparison.csv has them whole)
     and its head."""
-    heads = head_descriptions(comparison)
+    heads = head_descriptions(comparison.runs)
     lines = ["## Runs", "", "| run | directory | features | cache fingerprints | head |", "|---|---|---|---|---|"]
     for row in comparison.leaderboard.itertuples(index=False):
         fingerprints = ", ".join(f[:12] for f in str(row.cache_fingerprints).split(" + "))

@@ -1,7 +1,7 @@
 """Heads as estimators in scikit-learn's sense: settings in `__init__`, `fit(train, val)` learns
 (validation only for early stopping and choices) and returns self, `predict_proba(features)`
 gives (n, C) probabilities. A head, a grid of heads and the scikit-learn baseline share this
-shape, so one run-directory writer (heads.run.fit_and_report) serves all three."""
+shape, so one run-directory writer (heads.training.fit_and_report) serves all three."""
 from __future__ import annotations
 
 import time

@@ -15,15 +15,16 @@ from cache.flags import OneLineParser
 from cache.outdir import check_out_dir
 from cache.runtime import DeviceUnavailable, resolve_device
 from heads import settings as head_settings
-from heads.cli import add_io_args, cache_paths
+from heads.cli import add_io_args, add_name_arg, cache_paths
 from heads.data import HeadsError, load_head_data
 from heads.estimator import Head, HeadGrid
-from heads.run import fit_and_report
+from heads.training import fit_and_report
 
 
 def get_args_parser(add_help=True, description="Train a multi-label head on the feature cache."):
     parser = OneLineParser("python -m heads.train", add_help=add_help, description=description)
     add_io_args(parser, out_help="run directory (default: outputs/runs/head-<time>)", multi_cache=True)
+    add_name_arg(parser)
     head_settings.add_setting_args(parser, grid=True)
     return parser
 
@@ -38,7 +39,7 @@ def main(args) -> int:
         data = load_head_data(paths, device=device)
         estimator = Head(grid[0], device=device) if len(grid) == 1 else HeadGrid(grid, device=device)
         fit_and_report(estimator, cache_path=paths, data=data, out=out, device=device, overwrite=args.overwrite,
-                       n_bootstrap=args.bootstrap)
+                       n_bootstrap=args.bootstrap, name=args.name)
     except (cache.CacheError, HeadsError, FileExistsError, DeviceUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

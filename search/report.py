@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from cache.outdir import is_kit_dir
 from heads.comparison import check_same_test_rows, load_run
-from heads.run import print_summary as print_run_summary
+from heads.training import print_summary as print_run_summary
 from search import plots
 from search.storage import mask_url
 

@@ -24,7 +24,7 @@ from cache.runtime import DeviceUnavailable, resolve_device
 from heads import settings as head_settings
 from heads.cli import add_io_args, cache_paths
 from heads.data import HeadsError, load_head_data
-from heads.run import train_and_report
+from heads.training import train_and_report
 from search.liveness import Liveness
 from search.passes import Halving, SearchContext, run_passes
 from search.report import print_standing, print_summary, write_search_outputs
@@ -192,7 +192,7 @@ def retrain_best(best, *, args, out, data, fixed, device, sets, search_config):
     chosen_paths = [p for p in cache_paths(args) if not chosen or str(p) in sets[chosen]]
     run_dir, metrics = train_and_report(
         cache_path=chosen_paths, settings=settings, out=out / "best_run", device=device, overwrite=True,
-        n_bootstrap=args.bootstrap, data=best_data, quiet=True,
+        n_bootstrap=args.bootstrap, data=best_data, quiet=True, name=args.study_name,
         extra_config={"search": {**search_config, "trial": best.number, "study_val_mean_auc": best.value,
                                  "features": chosen}},
     )

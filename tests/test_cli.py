@@ -13,6 +13,7 @@ BAD_FLAGS = {  # command: arguments with one bad flag, the words the line must h
     "heads.baseline": (["--max-iter", "0"], "outside [1, 1000000]"),
     "heads.compare": (["a", "b", "--bootstrap", "100000000"], "outside [1, 100000]"),
     "heads.predict": (["--run", "r", "x.png", "--batch-size", "0"], "outside [1, inf)"),
+    "heads.runs": (["--sort-by-test"], "unrecognized arguments"),
     "search": (["--trials", "0"], "outside [1, inf)"),
 }
 
@@ -31,6 +32,7 @@ def test_a_bad_flag_is_one_line_in_every_command(command, capsys):
 def test_python_m_heads_lists_the_commands_and_runs_none(tmp_path):
     result = run_cli("heads", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stdout == ""
-    for command in ("heads.train", "heads.baseline", "heads.compare", "heads.predict"):
+    for command in ("heads.train", "heads.baseline", "heads.compare", "heads.predict", "heads.runs"):
         assert f"python -m {command}" in result.stderr
+    assert "heads.training" not in result.stderr  # a library module, not a command
     assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written

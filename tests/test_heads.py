@@ -15,7 +15,7 @@ from heads.data import HeadsError, load_head_data
 from heads.evaluate import auc_per_class, bootstrap_auc, roc_points, weighted_auc
 from heads.model import class_weights, weighted_bce
 from heads.fit import fit_head, load_head, predict_proba
-from heads.run import train_and_report
+from heads.training import train_and_report
 
 FAST = {**head_settings.DEFAULTS, "max_epochs": 40, "patience": 5, "lr": 1e-2}
 

@@ -19,7 +19,7 @@ from heads.data import NIH_TEST_IDS_SHA256, is_official_nih_test, load_head_data
 from heads.estimator import HeadGrid
 from heads.fit import fit_head
 from heads.report import format_table, per_class_table
-from heads.run import fit_and_report
+from heads.training import fit_and_report
 
 FAST = {**head_settings.DEFAULTS, "max_epochs": 6, "patience": 2}
 

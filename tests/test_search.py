@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-import heads.run
+import heads.training
 import search.passes
 import search.plots
 import search.run
@@ -45,12 +45,12 @@ def _outcomes(study):
 
 def test_small_study_end_to_end(small_cache, tmp_path, monkeypatch):
     test_calls = []
-    real_predict = heads.run.predict_proba  # where every run directory scores a head
+    real_predict = heads.training.predict_proba  # where every run directory scores a head
 
     def recording_predict(model, features):
         test_calls.append(features.shape[0])
         return real_predict(model, features)
-    monkeypatch.setattr(heads.run, "predict_proba", recording_predict)
+    monkeypatch.setattr(heads.training, "predict_proba", recording_predict)
     out = tmp_path / "s"
     result = call_main("search", "--cache", small_cache, "--out", out, "--trials", "14", "--trials-per-pass", "4",
                        *QUICK, check_rc=0)

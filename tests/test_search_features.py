@@ -10,7 +10,7 @@ import heads.settings
 import search.run
 from cache.synthetic import write_synthetic_cache
 from conftest import call_main
-from heads.run import train_and_report
+from heads.training import train_and_report
 
 QUICK = ["--max-epochs", "8", "--patience", "3", "--bootstrap", "10", "--device", "cpu", "--pruner", "none"]
 ROWS = {"train": 600, "val": 300, "test": 300}
@@ -53,6 +53,7 @@ def test_the_feature_set_is_searched_and_each_cache_read_once(two_caches, tmp_pa
     assert config["cache"] == [str(weak), str(strong)]
     run_config = json.loads((out / "best_run" / "config.json").read_text())
     assert run_config["search"]["features"] == best["params"]["features"]
+    assert run_config["name"] == "cxr14-heads"  # the study's name: heads.compare and heads.runs show it
     assert best["retrained_val_mean_auc"] == pytest.approx(study.best_value, abs=1e-9)
     assert "features" in result.stdout
 

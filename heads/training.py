@@ -21,17 +21,20 @@ from heads.report import format_table, per_class_table, score_run, write_run
 
 
 def train_and_report(*, cache_path, settings: dict, out, device, overwrite=False, n_bootstrap=1000,
-                     data: HeadData | None = None, extra_config: dict | None = None, quiet=False):
+                     data: HeadData | None = None, name: str | None = None, extra_config: dict | None = None,
+                     quiet=False):
     """Fit one head and write its complete run directory; returns (run dir, metrics)."""
     return fit_and_report(Head(settings, device=device), cache_path=cache_path, out=out, device=device,
-                          overwrite=overwrite, n_bootstrap=n_bootstrap, data=data, extra_config=extra_config,
-                          quiet=quiet)
+                          overwrite=overwrite, n_bootstrap=n_bootstrap, data=data, name=name,
+                          extra_config=extra_config, quiet=quiet)
 
 
 def fit_and_report(estimator, *, cache_path, out, device, overwrite=False, n_bootstrap=1000,
-                   data: HeadData | None = None, extra_config: dict | None = None, quiet=False):
+                   data: HeadData | None = None, name: str | None = None, extra_config: dict | None = None,
+                   quiet=False):
     """Fit `estimator` (heads.estimator) on train/val, score val and test once, write the run
-    directory under `<out>.partial` and move it into place; returns (run dir, metrics)."""
+    directory under `<out>.partial` and move it into place; returns (run dir, metrics). `name`,
+    the run's short name (None: unnamed), is recorded in config.json for heads.compare and heads.runs."""
     data = data or load_head_data(cache_path, device=device)
     partial = prepare_out_dir(out, kind="run", overwrite=overwrite)
     if not quiet:
@@ -48,7 +51,7 @@ def fit_and_report(estimator, *, cache_path, out, device, overwrite=False, n_boo
                             test_scores=test_scores, fit=fit, n_bootstrap=n_bootstrap, seed=settings["seed"])
         config = run_config(cache_path=cache_path, data=data, settings=settings, device=device,
                             class_weights_used=estimator.class_weights_used(), n_bootstrap=n_bootstrap,
-                            extra={"model": estimator.kind, **(extra_config or {})})
+                            extra={"model": estimator.kind, "name": name, **(extra_config or {})})
         write_run(partial, classes=data.classes, config=config, metrics=metrics, val=data.val,
                   val_scores=val_scores, test=data.test, test_scores=test_scores,
                   checkpoint=estimator.checkpoint(data), official_nih=data.official_nih, tables=estimator.tables())
