@@ -19,7 +19,8 @@ def get_args_parser(add_help=True):
 def main(args) -> int:
     quick = args.quick
     rows = bench_extract.run(bench_extract.get_args_parser().parse_args(["--images", "8" if quick else "400"]))
-    rows += bench_heads.run(bench_heads.get_args_parser().parse_args(["--scale", "0.02" if quick else "1"]))
+    rows += bench_heads.run(bench_heads.get_args_parser().parse_args(
+        ["--scale", "0.02" if quick else "1", *(["--precision-scale", "0.002"] if quick else [])]))
     rows += bench_search.run(bench_search.get_args_parser().parse_args(
         ["--trials", "6", "--max-epochs", "4", "--scale", "0.02", "--dim", "128"] if quick else []))
     print_table(rows)
