@@ -9,7 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-COMMAND = re.compile(r"python -m ([a-z_]+(?:\.[a-z_]+)*)([^`\n|]*)")
+COMMAND = re.compile(r"python -m ([a-z_]+(?:\.[a-z_]+)*)([^`\n|;)]*)")
 FLAG = re.compile(r"(?<![\w-])(--[a-z][\w-]*)")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
