@@ -23,6 +23,8 @@ def shown_commands():
 
 def option_strings(module: str) -> set:
     entry = importlib.import_module(module if module.count(".") else f"{module}.__main__")
+    if not hasattr(entry, "get_args_parser"):  # e.g. `python -m heads`, which only names the commands
+        return set()
     return {option for action in entry.get_args_parser()._actions for option in action.option_strings}
 
 
