@@ -16,7 +16,7 @@ def get_args_parser(add_help=True):
 
 def main(args) -> int:
     if not Path(args.path).is_file():  # nothing to verify is a wrong argument, not a damaged cache
-        print(f"error: no cache at {args.path}: run `python -m extract --split all --cache {args.path}` first",
+        print(f"error: no cache at {args.path}: run `python -m extract --data-dir DIR --split all --cache {args.path}` first",
               file=sys.stderr)
         return 2
     try:

@@ -256,7 +256,7 @@ def open_cache(path):
     file that is not a cxr14-kit cache (no schema_version attribute)."""
     path = Path(path)
     if not path.exists():
-        raise CacheError(f"no cache at {path}: run `python -m extract --split all --cache {path}` first")
+        raise CacheError(f"no cache at {path}: run `python -m extract --data-dir DIR --split all --cache {path}` first")
     if path.is_dir():
         raise CacheError(f"{path} is a folder, not a cache: pass the .h5 file that extract wrote")
     try:

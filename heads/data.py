@@ -184,7 +184,7 @@ def _split_rows(table, done, paths) -> tuple[dict, dict]:
         if len(rows[split]) == 0:
             where = paths[0] if len(paths) == 1 else " + ".join(map(str, paths))
             raise HeadsError(f"{where}: no done rows in the {split} split "
-                             f"({excluded[split]} not done); run `python -m extract --split {split}`")
+                             f"({excluded[split]} not done); run `python -m extract --data-dir DIR --split {split}` with the same settings")
     return rows, excluded
 
 

@@ -38,6 +38,8 @@ def plot_history(path, study) -> None:
         ax.plot([t.number for t in failed], [0.03] * len(failed), "|", ms=12, mew=2, color="C1",
                 transform=ax.get_xaxis_transform(), label=f"failed ({len(failed)}): no value")
     ax.set_xlabel("trial number")
+    from matplotlib.ticker import MaxNLocator  # imported late, as pyplot is: after the Agg backend is set
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation mean AUC")
     ax.set_title(f"search {study.study_name!r}: {len(trials)} trials (test data never seen)", fontsize=11)
     ax.grid(color="0.9", lw=0.6)

@@ -79,7 +79,7 @@ def test_a_damaged_part_names_the_file(tmp_path):
 
 
 def test_missing_or_foreign_files_give_clear_errors(tmp_path):
-    with pytest.raises(cache.CacheError, match="no cache at .*run `python -m extract"):
+    with pytest.raises(cache.CacheError, match="no cache at .*run `python -m extract --data-dir DIR --split all --cache "):
         cache.read_table(tmp_path / "none.h5")
     (tmp_path / "junk.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"0" * 100)
     with pytest.raises(cache.CacheError, match="junk.h5 is (a damaged HDF5 file|not an HDF5 file)"):
@@ -91,7 +91,7 @@ def test_missing_or_foreign_files_give_clear_errors(tmp_path):
     for command in ("info", "verify"):  # a wrong path is a usage error: one line, exit 2
         result = call_main("cache", command, tmp_path / "none.h5", check_rc=2)
         assert result.stderr.strip().splitlines() == [f"error: no cache at {tmp_path / 'none.h5'}: run "
-                                                     f"`python -m extract --split all --cache {tmp_path / 'none.h5'}` first"]
+                                                     f"`python -m extract --data-dir DIR --split all --cache {tmp_path / 'none.h5'}` first"]
 
 
 def test_verify_finds_edits_nan_features_and_patient_leaks(tmp_path):

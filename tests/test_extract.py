@@ -164,6 +164,19 @@ def test_unfetchable_imagenet_weights_say_how_to_supply_them(monkeypatch, tmp_pa
         encoders.build_encoder("resnet50", weights="imagenet")
 
 
+def test_unfetchable_imagenet_weights_are_one_line_without_a_download_announcement(monkeypatch, tmp_path, capsys):
+    """torch.hub announces 'Downloading: URL' before it fails offline; beside the error that read
+    as a download under way, so the user saw two lines where one says what to do."""
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(encoders.EncoderError, match="cannot fetch resnet50 IMAGENET1K_V2"):
+        encoders.build_encoder("resnet50", weights="imagenet")
+    printed = capsys.readouterr()
+    assert "Downloading" not in printed.out + printed.err
+
+
 def test_images_of_every_mode_and_size_embed(tmp_path):
     info = write_dataset(tmp_path, patients=4, images_per_patient=2, size=48, folders=0)
     from PIL import Image

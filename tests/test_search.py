@@ -354,3 +354,13 @@ def test_search_plots_show_pruned_trials_and_caution_on_few_trials(tmp_path, mon
     assert any("only 6 complete trials" in text.get_text() for text in figures[-1].texts)
     assert search.plots.plot_importances(tmp_path / "importances.png", _toy_study(complete=25, pruned=0))
     assert not any("caution" in text.get_text() for text in figures[-1].texts)
+
+
+def test_search_history_numbers_trials_with_whole_numbers_only(tmp_path, monkeypatch):
+    """Trial numbers are integers: a 20-trial history must not tick the axis at 2.5, 7.5, ..."""
+    figures = _plotted(monkeypatch)
+    search.plots.plot_history(tmp_path / "history.png", _toy_study(complete=2, pruned=18))
+    figure = figures[-1]
+    figure.canvas.draw()
+    ticks = figure.axes[0].get_xticks()
+    assert len(ticks) >= 2 and all(float(tick).is_integer() for tick in ticks)

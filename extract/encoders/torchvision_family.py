@@ -1,6 +1,9 @@
 """torchvision's classification models: --backbone resnet50, densenet121, convnext_tiny, ..."""
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from pathlib import Path
 
 import torch
@@ -44,8 +47,12 @@ def build(name, *, weights: Weights, image_size, layers, pooling) -> Encoder:
 
 
 def _torchvision_pretrained(name: str, weights) -> torch.nn.Module:
+    # torch.hub prints 'Downloading: URL to PATH' before it tries: shown when the fetch works,
+    # held back when it fails, where it would read as a download under way beside the error.
+    announced = io.StringIO()
     try:
-        return torchvision.models.get_model(name, weights=weights)
+        with contextlib.redirect_stdout(announced):
+            net = torchvision.models.get_model(name, weights=weights)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
         filename = weights.url.rsplit("/", 1)[-1]
         raise EncoderError(
@@ -53,6 +60,8 @@ def _torchvision_pretrained(name: str, weights) -> torch.nn.Module:
             f"elsewhere and either put it in {Path(torch.hub.get_dir()) / 'checkpoints' / filename} "
             f"or pass --weights /path/to/{filename}"
         ) from err
+    sys.stdout.write(announced.getvalue())
+    return net
 
 
 def _drop_last_linear(net: torch.nn.Module) -> None:
