@@ -32,7 +32,7 @@ from search.storage import SearchError, is_shared, mask_text, mask_url, parse_ur
 from search.study import FINISHED, best_text, best_trial, count, fail_interrupted_trials, open_study, study_identity
 
 # Trials per pass when --trials-per-pass is not given, by device, and the successive-halving
-# schedule inside a pass (README, performance: measured on a 2-core CPU with the benchmark's
+# schedule inside a pass (docs/performance.md: measured on a 2-core CPU with the benchmark's
 # defaults against one trial at a time). A pass of 16 keeps its best 5 after one epoch and its
 # best one after three: most epochs go to the heads that win. A GPU step is launch overhead
 # that K heads share, hence more heads there (not yet measured on a GPU).
@@ -117,6 +117,8 @@ def run_search(args) -> int:
     seed = sampler_seed(args)
     out = Path(args.out or f"outputs/search/{args.study_name}")
     check_open_dir(out, kind="search")
+    for path in cache_paths(args):  # a missing or damaged cache is refused before the folder is made
+        cache.check_readable(path)
     url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if args.storage is None:
         open_dir(out, kind="search")  # the default study.db, and so its lock, live in the folder

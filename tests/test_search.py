@@ -364,3 +364,10 @@ def test_search_history_numbers_trials_with_whole_numbers_only(tmp_path, monkeyp
     figure.canvas.draw()
     ticks = figure.axes[0].get_xticks()
     assert len(ticks) >= 2 and all(float(tick).is_integer() for tick in ticks)
+
+
+def test_a_missing_cache_is_refused_before_the_search_folder_is_made(tmp_path):
+    out = tmp_path / "search"
+    result = call_main("search", "--cache", tmp_path / "missing.h5", "--out", out, "--trials", 6)
+    assert result.returncode == 2 and "missing.h5" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
