@@ -7,7 +7,7 @@
 (c) a naive baseline written the way tutorials do it: PIL open, torchvision transforms per
     image (Resize 256, CenterCrop 224, ToTensor, Normalize), fp32 model, batch 32, no workers.
 
-    python -m benchmarks.bench_extract --images 400     # the README figure
+    python -m benchmarks.bench_extract --images 400     # the figure in docs/performance.md
 """
 from __future__ import annotations
 

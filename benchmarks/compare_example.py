@@ -1,4 +1,4 @@
-"""The README's comparison example, regenerated: two synthetic caches stand in for two encoders'
+"""The comparison example of docs/compare.md, regenerated: two synthetic caches stand in for two encoders'
 features of the same images, a head is trained on each, and `heads.compare` compares them. Its
 comparison.md and forest_plot.png are copied into benchmarks/figures/.
 
@@ -29,7 +29,7 @@ ENCODERS = {"encoder_a": {"dim": 64, "separation": 1.19}, "encoder_b": {"dim": 6
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser("python -m benchmarks.compare_example", add_help=add_help,
-                                     description="Regenerate the README's heads.compare example.")
+                                     description="Regenerate the heads.compare example of docs/compare.md.")
     parser.add_argument("--work", default="outputs/compare_example", help="where caches and runs are written")
     return parser
 

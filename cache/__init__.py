@@ -32,7 +32,7 @@ over every setting that decides which rows exist, what their labels mean and wha
 features are. A cache whose settings name a `dataset` is written as version 2, else version 1
 (NIH caches are unchanged). Class names map onto the shared vocabulary of cache/vocabulary.py.
 
-`preprocessing` (JSON, `Encoder.recipe()` in extract/encoders.py) is the image-to-feature
+`preprocessing` (JSON, `Encoder.recipe()` in extract/encoders/base.py) is the image-to-feature
 recipe: decode (how a PNG becomes gray in [0, 1]), resize (size, interpolation; whole image,
 never cropped), channels (gray replicated to 3, or 1), value_range ([low, high] the gray
 [0, 1] is scaled to: [0, 1], or [-1024, 1024] for torchxrayvision), normalize_mean and

@@ -32,7 +32,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def default_workers() -> int:
-    """One decoding process per core, at most MAX_WORKERS (more rarely helps: see README)."""
+    """One decoding process per core, at most MAX_WORKERS (more rarely helps: docs/performance.md)."""
     return min(os.cpu_count() or 1, MAX_WORKERS)
 
 

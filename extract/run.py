@@ -55,7 +55,7 @@ def get_args_parser(add_help=True):
                              "[-<weights>].h5, weights named unless the family's pretrained default)")
     parser.add_argument("--backbone", default=encoders.DEFAULT_BACKBONE,
                         help="a torchvision model (resnet50, densenet121, convnext_tiny, vit_b_16, ...), "
-                             "timm:NAME, hf:REPO_OR_DIR or xrv:NAME (see README, Encoders)")
+                             "timm:NAME, hf:REPO_OR_DIR or xrv:NAME (see docs/extract.md)")
     parser.add_argument("--weights", default="pretrained",
                         help="pretrained (the family's own; `imagenet` is an alias), a torchvision weights name "
                              "(IMAGENET1K_V1), a local file or folder, or none (seeded random, tests only)")

@@ -1,7 +1,7 @@
 """CheXpert (Stanford, v1.0 and v1.0-small): train.csv, valid.csv and the JPEGs their `Path`
 column names.
 
-Choices (each documented in the README's datasets table):
+Choices (each documented in docs/datasets.md):
 - test = valid.csv (the 234 radiologist-labelled images); train.csv is split into train/val
   by patient, seeded.
 - `-1` (uncertain) follows --uncertain (mask: unknown; zeros; ones). Blank (not mentioned) is

@@ -1,6 +1,6 @@
 """PadChest (BIMCV, 160K release): the labels CSV and 16-bit PNGs as IMAGEDIR/IMAGEID or flat.
 
-Choices (documented in the README's datasets table):
+Choices (documented in docs/datasets.md):
 - Labels are the `Labels` list, a Python literal parsed with ast.literal_eval (never eval).
   Spellings are stripped of surrounding spaces (the file has both 'pleural effusion' and
   ' pleural effusion'). Classes are every finding the file names (normal included), sorted;

@@ -2,7 +2,7 @@
 train/*.dicom, test/*.dicom) or the Kaggle VinBigData form (train.csv, one row per
 radiologist finding and box, train/*.dicom).
 
-Choices (documented in the README's datasets table):
+Choices (documented in docs/datasets.md):
 - Each training image was read by 3 radiologists. --raters majority (default): a finding is
   positive when more than half of the image's distinct radiologists marked it; any: when one
   did. Kaggle's several box rows per radiologist and finding count once (distinct rad_id).
