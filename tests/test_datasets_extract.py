@@ -75,7 +75,7 @@ def test_default_cache_name_includes_the_dataset(tmp_path, monkeypatch):
     data_dir, _ = dataset_layouts.padchest(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     call_main("extract", "--dataset", "padchest", "--data-dir", data_dir, *TINY, check_rc=0)
-    assert [p.name for p in (tmp_path / "outputs" / "cache").glob("*.h5")] == ["padchest-resnet50-64.h5"]
+    assert [p.name for p in (tmp_path / "outputs" / "cache").glob("*.h5")] == ["padchest-resnet50-64-random.h5"]
 
 
 @pytest.mark.parametrize("args, message", [
