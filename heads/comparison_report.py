@@ -97,7 +97,7 @@ def _runs_markdown(comparison) -> list[str]:
     lists each), every cache's fingerprint (first 12 hex digits; comparison.csv has them whole)
     and its head."""
     heads = head_descriptions(comparison.runs)
-    lines = ["## Runs", "", "| run | directory | features | cache fingerprints | head |", "|---|---|---|---|---|"]
+    lines = ["## What each run is", "", "| run | directory | features | cache fingerprints | head |", "|---|---|---|---|---|"]
     for row in comparison.leaderboard.itertuples(index=False):
         fingerprints = ", ".join(f[:12] for f in str(row.cache_fingerprints).split(" + "))
         lines.append(f"| `{row.run}` | {row.run_dir} | {row.features} | {fingerprints} | {heads[row.run]} |")
