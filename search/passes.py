@@ -95,11 +95,8 @@ def run_one_pass(run: SearchContext, trials: list, *, n_jobs: int) -> int:
             results, stopped_at = train_pass(run, trials, settings, n_jobs=n_jobs)
         finished = 0
         for index in sorted(range(len(trials)), key=lambda i: trials[i].number):
-            if index in stopped_at:
-                rung, epoch = stopped_at[index]
-                trials[index].set_user_attr("halving_rung", rung)
-                trials[index].set_user_attr("halving_rung_epoch", epoch)
-            finished += tell(run.study, trials[index], results[index])
+            rung = dict(zip(("halving_rung", "halving_rung_epoch"), stopped_at[index])) if index in stopped_at else {}
+            finished += tell(run.study, trials[index], results[index], attrs=rung)
             told.add(index)
         return finished
     finally:  # interrupted (Ctrl-C) or crashed: leave no trial RUNNING for others to wait on
@@ -162,7 +159,10 @@ def start_training(run: SearchContext, settings: list, members: list):
 
 def _pruner_callback(trials: list):
     def on_epoch(index, epoch, val_auc):
-        trials[index].report(val_auc, epoch)
+        try:
+            trials[index].report(val_auc, epoch)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False  # failed as stale by another worker: stop this head, not its whole group
         return not trials[index].should_prune()
     return on_epoch
 
@@ -236,11 +236,13 @@ def feature_view(run: SearchContext, settings: dict):
     return view.train, view.val
 
 
-def tell(study, trial, result) -> int:
-    """Tell one trial's outcome; 1 if it counts as finished by this process."""
-    trial.set_user_attr("best_epoch", int(result.best_epoch))
-    trial.set_user_attr("epochs_run", len(result.history))
-    try:
+def tell(study, trial, result, *, attrs: dict | None = None) -> int:
+    """Tell one trial's outcome (with `attrs` as user attributes); 1 if it counts as finished by
+    this process."""
+    try:  # the attributes too: Optuna refuses them on a trial another worker failed as stale
+        for key, value in {**(attrs or {}), "best_epoch": int(result.best_epoch),
+                           "epochs_run": len(result.history)}.items():
+            trial.set_user_attr(key, value)
         if result.status == "complete":
             study.tell(trial, result.best_val_auc)
         elif result.status == "pruned":

@@ -138,3 +138,17 @@ def test_a_kill_at_any_rung_resumes_to_exactly_n(small_cache, tmp_path, step):
     assert len(interrupted) == 4 and all(t.user_attrs["fail_reason"].startswith("interrupted") for t in interrupted)
     numbers = [t.number for t in study.trials]
     assert len(study.trials) == 16 and numbers == list(range(16))
+
+
+def test_a_trial_another_worker_failed_as_stale_is_neither_told_nor_fatal():
+    """A worker that was stopped (SIGSTOP, swap) finds its trial failed by a live worker: telling
+    it, or reporting an epoch on it, must not crash the pass or fail the other heads."""
+    from heads.fit import FitResult
+    from search.passes import _pruner_callback, tell
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    study.tell(trial, state=TrialState.FAIL)  # as the live worker's stale check does
+    result = FitResult(model=None, best_epoch=3, best_val_auc=0.7, seconds=1.0, history=[{}] * 4)
+    assert tell(study, trial, result, attrs={"halving_rung": 1, "halving_rung_epoch": 3}) == 0
+    assert _pruner_callback([trial])(0, 1, 0.6) is False
+    assert study.trials[0].state == TrialState.FAIL
