@@ -9,6 +9,7 @@ retrained alone and scored once on test, as a full run directory.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -28,7 +29,7 @@ from heads.training import train_and_report
 from search.liveness import Liveness
 from search.passes import Halving, SearchContext, run_passes
 from search.report import print_standing, print_summary, write_search_outputs
-from search.storage import SearchError, is_shared, mask_text, mask_url, parse_url, sole_user
+from search.storage import SearchError, is_shared, mask_text, mask_url, parse_url, sole_user, sqlite_file
 from search.study import FINISHED, best_text, best_trial, count, fail_interrupted_trials, open_study, study_identity
 
 # Trials per pass when --trials-per-pass is not given, by device, and the successive-halving
@@ -120,12 +121,18 @@ def run_search(args) -> int:
     for path in cache_paths(args):  # a missing or damaged cache is refused before the folder is made
         cache.check_readable(path)
     url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    if args.storage is None:
-        open_dir(out, kind="search")  # the default study.db, and so its lock, live in the folder
+    if _study_file_inside(url, out):
+        open_dir(out, kind="search")  # the study file, and so its lock, live in the folder
     with sole_user(url):  # a SQLite study is one process's: a second one is refused here, before any work
         if not is_shared(url):  # a shared study is opened first, so that an unreachable
             open_dir(out, kind="search")  # database leaves no empty folder
         return search_and_report(args, out=out, url=url, seed=seed)
+
+
+def _study_file_inside(url: str, out: Path) -> bool:
+    """True when the SQLite file of `url` lies in `out` (the default study.db, or one named there)."""
+    path = sqlite_file(url)
+    return path is not None and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(out))
 
 
 def sampler_seed(args) -> int:

@@ -371,3 +371,10 @@ def test_a_missing_cache_is_refused_before_the_search_folder_is_made(tmp_path):
     result = call_main("search", "--cache", tmp_path / "missing.h5", "--out", out, "--trials", 6)
     assert result.returncode == 2 and "missing.h5" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_a_sqlite_study_named_inside_a_new_out_folder_is_that_search_folder(small_cache, tmp_path):
+    out = tmp_path / "search"
+    call_main("search", "--cache", small_cache, "--out", out, "--storage", f"sqlite:///{out}/mine.db",
+              "--trials", 6, "--max-epochs", 2, "--bootstrap", 10, check_rc=0)
+    assert (out / "mine.db").is_file() and (out / "trials.csv").is_file()
