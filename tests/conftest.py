@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from cache.synthetic import write_synthetic_cache
 from extract.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,4 +79,12 @@ def extracted_cache(synthetic_dir, tmp_path_factory):
     """A finished cache of the synthetic dataset (read-only for the tests that share it)."""
     path = tmp_path_factory.mktemp("cache") / "features.h5"
     run_cli("extract", "--data-dir", synthetic_dir, "--cache", path, *TINY, check_rc=0)  # the real CLI
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    """A small synthetic cache the search tests share (a test file may define its own)."""
+    path = tmp_path_factory.mktemp("search") / "features.h5"
+    write_synthetic_cache(path, rows={"train": 800, "val": 400, "test": 500}, dim=24, separation=1.19)
     return path

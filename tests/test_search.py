@@ -23,13 +23,6 @@ from conftest import REPO, call_main
 QUICK = ["--max-epochs", "12", "--patience", "3", "--bootstrap", "20", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("search") / "features.h5"
-    write_synthetic_cache(path, rows={"train": 800, "val": 400, "test": 500}, dim=24, separation=1.19)
-    return path
-
-
 def _study(out, name="cxr14-heads"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
 

@@ -10,7 +10,6 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from cache.synthetic import write_synthetic_cache
 from conftest import REPO, call_main
 from heads import settings as head_settings
 from heads.data import load_head_data
@@ -31,13 +30,6 @@ PASS = [
     {**BASE, "batch_size": 256, "lr": 3e-4},
     {**BASE, "batch_size": 128, "lr": 5e-5, "depth": 1, "width": 16, "dropout": 0.2},
 ]
-
-
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("halving") / "features.h5"
-    write_synthetic_cache(path, rows={"train": 800, "val": 400, "test": 500}, dim=24, separation=1.19)
-    return path
 
 
 def _study(out):

@@ -14,7 +14,6 @@ import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from cache.synthetic import write_synthetic_cache
 from conftest import REPO, call_main, run_cli
 from search.liveness import JournalOwnership
 from test_search import _check_exact, _outcomes  # the exact-N check and a study's outcomes, defined once
@@ -23,13 +22,6 @@ QUICK = ["--max-epochs", "12", "--patience", "3", "--bootstrap", "20", "--device
 PG_URL = os.environ.get("CXR14_TEST_POSTGRES_URL")
 needs_postgres = pytest.mark.skipif(not PG_URL, reason="no PostgreSQL server: set CXR14_TEST_POSTGRES_URL "
                                                        "(.ci/run starts one)")
-
-
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("search") / "features.h5"
-    write_synthetic_cache(path, rows={"train": 800, "val": 400, "test": 500}, dim=24, separation=1.19)
-    return path
 
 
 def _finished(study_or_trials):
