@@ -37,7 +37,7 @@ from cache.store import PartWriter, create_cache, exclusive_lock, merge_parts, r
 from cache.synthetic import NIH_SCALE, known_auc, write_synthetic_cache
 from heads.data import load_head_data
 from heads.estimator import LogisticBaseline
-from heads.evaluate import auc_per_class, mean_auc
+from heads.metrics import auc_per_class, mean_auc
 from heads.fit import fit_head, fit_heads
 from heads.settings import DEFAULTS
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from heads.cli import run_name
-from heads.evaluate import auc_per_class, confidence_intervals, mean_auc
+from heads.metrics import auc_per_class, confidence_intervals, mean_auc
 from heads.paired import delong_test, holm, paired_bootstrap_auc, paired_differences
 
 RUN_FILES = ("config.json", "predictions_test.csv")

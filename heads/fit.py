@@ -15,7 +15,7 @@ import torch
 
 from cache.runtime import cpu_has_native_bf16
 from heads.data import HeadData, HeadsError
-from heads.evaluate import auc_on_device
+from heads.metrics import auc_on_device
 from heads.model import build_head
 from heads.stack import HeadStack, bytes_per_head, shape_of
 

@@ -11,7 +11,7 @@ import numpy as np
 from scipy.special import ndtr
 from scipy.stats import rankdata
 
-from heads.evaluate import confidence_intervals, patient_resamples, weighted_auc
+from heads.metrics import confidence_intervals, patient_resamples, weighted_auc
 
 
 def delong_covariance(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from heads.evaluate import auc_per_class, bootstrap_auc, confidence_intervals, mean_auc, plot_roc_curves
+from heads.metrics import auc_per_class, bootstrap_auc, confidence_intervals, mean_auc, plot_roc_curves
 
 LITERATURE_NOTE = ("published test AUCs under other protocols, for context only: Wang et al. 2017 "
                    "(ResNet-50, official split), CheXNet (DenseNet-121 fine-tuned, its own split)")

@@ -23,7 +23,7 @@ from cache.outdir import OutDirError, folder_kind, partial_path, refuse_link
 from heads.comparison import (CompareError, Run, check_same_test_rows, describe_features, label_runs,
                               labels_and_scores, load_run)
 from heads.comparison_report import head_descriptions
-from heads.evaluate import auc_per_class, mean_auc
+from heads.metrics import auc_per_class, mean_auc
 
 COLUMNS = ["test_set", "name", "features", "head", "val_mean_auc", "test_mean_auc", "date", "run_dir",
            "cache_fingerprints"]

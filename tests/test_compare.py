@@ -12,7 +12,7 @@ import cache
 from cache.synthetic import write_synthetic_cache
 from conftest import call_main, run_cli
 from heads.comparison import DIFFERENCE_COLUMNS, describe_features
-from heads.evaluate import bootstrap_auc
+from heads.metrics import bootstrap_auc
 from heads.paired import bootstrap_p_value, delong_test, holm, paired_bootstrap_auc, paired_differences
 
 DELONG_CASES = Path(__file__).parent / "data" / "delong"

@@ -12,7 +12,7 @@ from cache.synthetic import known_auc, write_synthetic_cache
 from conftest import call_main, predict_saved_test_images
 from heads import settings as head_settings
 from heads.data import HeadsError, load_head_data
-from heads.evaluate import auc_per_class, bootstrap_auc, roc_points, weighted_auc
+from heads.metrics import auc_per_class, bootstrap_auc, roc_points, weighted_auc
 from heads.model import class_weights, weighted_bce
 from heads.fit import fit_head, load_head, predict_proba
 from heads.training import train_and_report

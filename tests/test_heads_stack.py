@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 from cache.synthetic import write_synthetic_cache
 from heads import settings as head_settings
 from heads.data import HeadsError, load_head_data
-from heads.evaluate import auc_on_device
+from heads.metrics import auc_on_device
 from heads.fit import fit_head, fit_heads, predict_proba
 
 BASE = {**head_settings.DEFAULTS, "max_epochs": 4, "patience": 2, "batch_size": 256}
