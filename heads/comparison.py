@@ -168,28 +168,32 @@ def read_predictions(path: Path) -> tuple[pd.DataFrame, list]:
     if len(repeated):
         raise CompareError(f"{path}: image {repeated.iloc[0]} appears more than once")
     _check_values(frame, path=path, columns=[f"prob_{c}" for c in classes], allowed=None)
-    _check_values(frame, path=path, columns=[f"label_{c}" for c in classes], allowed=(0, 1))
+    _check_values(frame, path=path, columns=[f"label_{c}" for c in classes], allowed=(0, 1), blank_allowed=True)
     return frame.sort_values("image_id", kind="stable").reset_index(drop=True), classes
 
 
-def _check_values(frame, *, path, columns, allowed) -> None:
-    """Every cell of `columns` a finite number (`allowed` None) or one of `allowed`; the columns
-    are made numeric in place, so what is checked is what is scored."""
+def _check_values(frame, *, path, columns, allowed, blank_allowed=False) -> None:
+    """Every cell of `columns` a finite number (`allowed` None) or one of `allowed` (or empty,
+    an unknown label, where `blank_allowed`); the columns are made numeric in place, so what is
+    checked is what is scored."""
     written = frame[columns].copy()
     for column in columns:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")  # text becomes NaN, refused below
     values = frame[columns].to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(values) if allowed is None else ~np.isin(values, allowed)
+    if blank_allowed:
+        bad &= ~written.isna().to_numpy()
     if bad.any():
         row, column = np.argwhere(bad)[0]
-        expected = "a finite probability" if allowed is None else "0 or 1"
+        expected = "a finite probability" if allowed is None else "0, 1 or empty (unknown)"
         raise CompareError(f"{path}: row {row + 2} ({frame['image_id'].iloc[row]}) has {columns[column]} = "
                            f"{written.iat[row, column]}; expected {expected}")
 
 
 def labels_and_scores(frame: pd.DataFrame, classes) -> tuple[np.ndarray, np.ndarray]:
-    """A predictions frame's labels and probabilities as (rows x classes) arrays."""
-    return (frame[[f"label_{c}" for c in classes]].to_numpy(np.uint8),
+    """A predictions frame's labels (1, 0, NaN where unknown) and probabilities as (rows x
+    classes) arrays."""
+    return (frame[[f"label_{c}" for c in classes]].to_numpy(np.float64, na_value=np.nan),
             frame[[f"prob_{c}" for c in classes]].to_numpy(np.float64))
 
 
@@ -241,7 +245,7 @@ def _default_label(run: Run, runs: list[Run], *, taken: set) -> str:
 
 def check_same_test_rows(runs: list[Run]) -> None:
     """Raise CompareError naming the first difference between any run's test rows and the
-    first run's: classes, image ids, patients or labels."""
+    first run's: classes, image ids, patients, which labels are known, or labels."""
     first = runs[0]
     for run in runs[1:]:
         where = f"{run.name} and {first.name}"
@@ -256,7 +260,15 @@ def check_same_test_rows(runs: list[Run]) -> None:
                 f"{len(only_run)} only in {run.name}{_example(only_run)}, {len(only_first)} only in "
                 f"{first.name}{_example(only_first)}): compare runs made on the same cache rows")
         for column, what in [("patient_id", "patient ids")] + [(f"label_{c}", f"labels of {c}") for c in run.classes]:
-            differs = run.test[column].to_numpy() != first.test[column].to_numpy()
+            mine, theirs = run.test[column], first.test[column]
+            unknown_differs = (mine.isna() != theirs.isna()).to_numpy()
+            if unknown_differs.any():
+                raise CompareError(
+                    f"{where} differ in which test images have a known label of {column[len('label_'):]} "
+                    f"({unknown_differs.sum()} images known in one and unknown in the other, e.g. "
+                    f"{run.test['image_id'][unknown_differs].iloc[0]}): their AUCs would be over different images; "
+                    f"compare runs made on caches with the same label policies (--uncertain, --views, --raters)")
+            differs = ((mine != theirs) & mine.notna()).to_numpy()
             if differs.any():
                 raise CompareError(f"{where} have different {what} on {differs.sum()} test images "
                                    f"(e.g. {run.test['image_id'][differs].iloc[0]}): compare runs made on the same cache rows")
@@ -330,7 +342,7 @@ def _difference_rows(*, labels, scores, aucs, resampled, runs, run, reference, c
              "p_delong_holm": np.nan}]
     for c, name in enumerate(classes):
         if aucs[run][c] is None:
-            continue  # one label value on test: nothing to compare
+            continue  # not scorable on test: nothing to compare
         rows.append({**names, "class": name, "auc": aucs[run][c], "reference_auc": aucs[reference][c],
                      "difference": aucs[run][c] - aucs[reference][c], "ci_low": paired["per_class_ci"][c][0],
                      "ci_high": paired["per_class_ci"][c][1], "p_bootstrap": paired["per_class_p"][c],

@@ -5,6 +5,10 @@ They are standardized block by block (in place for a float16 cache, in float32 b
 for a float32 one), so no float32 copy of the whole matrix ever exists and an affine rescale of
 the cache changes nothing; training converts one minibatch at a time.
 
+Labels are float32 1, 0 or NaN where the cache says unknown (255: an uncertain label masked by
+the policy, unmentioned, not annotated); the loss leaves unknown entries out and every figure of
+a class is computed over the rows where it is known (heads/metrics.py).
+
 Several caches of the same images (e.g. two encoders) load as one matrix whose columns are the
 caches' feature blocks side by side, joined by image id; `HeadData.select` picks a subset of
 blocks without reading anything again.
@@ -42,7 +46,15 @@ class Split:
     image_ids: np.ndarray
     patient_ids: np.ndarray
     features: torch.Tensor  # (n, D) float16, standardized with train mean and std
-    labels: torch.Tensor  # (n, C) float32 in {0, 1}
+    labels: torch.Tensor  # (n, C) float32: 1, 0, or NaN where unknown
+    metadata: dict | None = None  # the cache's per-row sex, age, view, study_id (None: it has none)
+
+    def __post_init__(self):
+        # what the loss reads: targets with unknowns as 0 and the mask that zeroes their terms
+        # (None when every label is known, the NIH case, so training pays nothing for it)
+        unknown = torch.isnan(self.labels)
+        self.known = ~unknown if bool(unknown.any()) else None
+        self.targets = torch.nan_to_num(self.labels) if self.known is not None else self.labels
 
     def __len__(self):
         return len(self.image_ids)
@@ -120,7 +132,7 @@ def load_head_data(cache_paths, *, device="cpu", dtype=np.float16) -> HeadData:
         raise HeadsError(f"the same cache is given twice in {[str(p) for p in paths]}; give each cache once")
     tables, attrs_list = [], []
     for path in paths:
-        cache.check_readable(path)
+        cache.check_readable(path, allow_unknown=True)
         attrs_list.append(cache.read_attrs(path))
         tables.append(cache.read_table(path))
         pending = cache.pending_part_rows(path)
@@ -134,12 +146,14 @@ def load_head_data(cache_paths, *, device="cpu", dtype=np.float16) -> HeadData:
     rows, excluded = _split_rows(table, done, paths)
     dims = [int(a["feature_dim"]) for a in attrs_list]
     matrices, mean, std = _read_standardized(paths, rows, dims, table, attrs_list, dtype=dtype)
+    metadata = cache.read_metadata(paths[0])
     splits = {}
     for split in SPLITS:
         splits[split] = Split(
             name=split, image_ids=table["image_id"][rows[split]], patient_ids=table["patient_id"][rows[split]],
             features=torch.from_numpy(matrices.pop(split)).to(device),
-            labels=torch.from_numpy(table["labels"][rows[split]].astype(np.float32)).to(device),
+            labels=torch.from_numpy(float_labels(table["labels"][rows[split]])).to(device),
+            metadata=None if metadata is None else {k: v[rows[split]] for k, v in metadata.items()},
         )
     _check_val_scorable(splits[VAL], paths)
     caches, blocks = _describe_caches(paths, attrs_list, dims)
@@ -147,6 +161,13 @@ def load_head_data(cache_paths, *, device="cpu", dtype=np.float16) -> HeadData:
                     feature_mean=torch.from_numpy(mean), feature_std=torch.from_numpy(std), excluded=excluded,
                     caches=caches, blocks=blocks,
                     official_nih=is_official_nih_test(table["image_id"][table["split"] == TEST]))
+
+
+def float_labels(labels: np.ndarray) -> np.ndarray:
+    """A cache's uint8 labels as float32, its UNKNOWN (255) as NaN."""
+    values = labels.astype(np.float32)
+    values[labels == cache.UNKNOWN] = np.nan
+    return values
 
 
 def image_ids_sha256(image_ids) -> str:
@@ -297,22 +318,22 @@ def _check_finite(block: np.ndarray, image_ids, cache_path) -> None:
 
 
 def _check_val_scorable(val: Split, paths) -> None:
-    """Early stopping needs a validation AUC: at least one class with both label values."""
+    """Early stopping needs a validation AUC: at least one class with both label values known."""
     if not scorable_classes(val.labels).any():
-        raise HeadsError(f"{paths[0]}: no class has both positive and negative rows in the val split "
+        raise HeadsError(f"{paths[0]}: no class has both known positive and known negative rows in the val split "
                          f"({len(val)} rows), so no head can be chosen on validation; extract more val rows "
                          f"or make the cache with a larger --val-fraction")
 
 
 def scorable_classes(labels: torch.Tensor) -> torch.Tensor:
-    """(C,) bool: the classes an AUC can be computed for, i.e. with both label values."""
-    positives = labels.sum(dim=0)
-    return (positives > 0) & (positives < len(labels))
+    """(C,) bool: the classes an AUC can be computed for, i.e. with a known positive and a known
+    negative."""
+    return (labels == 1).any(dim=0) & (labels == 0).any(dim=0)
 
 
 def classes_without_train_positive(data: HeadData) -> list[str]:
     """Classes the head cannot learn: not one train row has them."""
-    return [name for name, n in zip(data.classes, data.train.labels.sum(dim=0).tolist()) if n == 0]
+    return [name for name, n in zip(data.classes, (data.train.labels == 1).sum(dim=0).tolist()) if n == 0]
 
 
 def scoring_warnings(data: HeadData) -> list[str]:

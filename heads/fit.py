@@ -156,9 +156,10 @@ class Training:
         for first, stop in epoch_slices(len(self.train), self.batch_size, self.shuffle):
             x = self.train.features[first:stop]
             x = x.float() if self.convert else x
-            targets = self.train.labels[first:stop]
+            targets = self.train.targets[first:stop]
+            known = None if self.train.known is None else self.train.known[first:stop]
             for stack in self.stacks:
-                stack.train_step(x, targets, autocast=self.autocast)
+                stack.train_step(x, targets, autocast=self.autocast, known=known)
         for stack in self.stacks:
             _end_epoch(stack, self.epoch, self.tracks, self.results, train=self.train, val=self.val,
                        start=self.start, on_epoch=on_epoch)

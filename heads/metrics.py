@@ -1,4 +1,8 @@
-"""AUC-ROC per class, their macro mean, patient-level bootstrap intervals and ROC plots."""
+"""AUC-ROC per class, their macro mean, patient-level bootstrap intervals and ROC plots.
+
+Labels are 1, 0 or NaN (unknown: masked, unmentioned or not annotated in the cache). Every
+figure of a class is computed over the rows where that class is known; a class without a known
+positive or a known negative cannot be scored (None), and is named, never counted as 0.5."""
 from __future__ import annotations
 
 import warnings
@@ -7,15 +11,21 @@ import numpy as np
 
 
 def auc_per_class(labels: np.ndarray, scores: np.ndarray) -> list:
-    """AUC-ROC of each column, equal to scikit-learn's roc_auc_score to float rounding (tested);
-    None where a class has only one label value (it cannot be scored, and is left out of the
-    mean). Computed here rather than by scikit-learn, whose import alone costs a CLI ~2.7 s."""
-    labels = np.asarray(labels)
+    """AUC-ROC of each column over its known rows, equal to scikit-learn's roc_auc_score on them
+    to float rounding (tested); None where a class has no known positive or no known negative
+    (it cannot be scored, and is left out of the mean). Computed here rather than by
+    scikit-learn, whose import alone costs a CLI ~2.7 s."""
+    labels = np.asarray(labels, dtype=np.float64)
     ones = np.ones((1, len(labels)), np.float64)
-    return [
-        float(weighted_auc(labels[:, c], scores[:, c], ones)[0]) if 0 < labels[:, c].sum() < len(labels) else None
-        for c in range(labels.shape[1])
-    ]
+    scorable = scorable_mask(labels)
+    return [float(weighted_auc(labels[:, c], scores[:, c], ones)[0]) if scorable[c] else None
+            for c in range(labels.shape[1])]
+
+
+def scorable_mask(labels: np.ndarray) -> np.ndarray:
+    """(C,) bool: the classes with at least one known positive and one known negative."""
+    labels = np.asarray(labels)
+    return (labels == 1).any(axis=0) & (labels == 0).any(axis=0)
 
 
 def mean_auc(aucs: list) -> float:
@@ -28,9 +38,10 @@ def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) ->
     Mann-Whitney statistic with ties counted half, as scikit-learn computes it. With all
     weights 1 it equals roc_auc_score; with bootstrap counts it scores B resamples in one
     vectorized pass. Each positive wins against the negative weight below its score plus half
-    the tied negative weight: two lookups in the cumulative weight of the sorted negatives."""
+    the tied negative weight: two lookups in the cumulative weight of the sorted negatives.
+    Rows whose label is unknown (NaN) are neither."""
     positive = np.asarray(labels) == 1
-    negative_rows = np.flatnonzero(~positive)
+    negative_rows = np.flatnonzero(np.asarray(labels) == 0)
     order = np.argsort(scores[negative_rows], kind="stable")
     sorted_negative = scores[negative_rows][order]
     positive_scores = scores[positive]
@@ -47,7 +58,10 @@ def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) ->
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate) at every distinct threshold, from (0, 0) to
-    (1, 1): the points of scikit-learn's roc_curve before it drops collinear ones."""
+    (1, 1): the points of scikit-learn's roc_curve before it drops collinear ones; rows with an
+    unknown label are left out."""
+    known = ~np.isnan(np.asarray(labels, dtype=np.float64))
+    labels, scores = np.asarray(labels)[known], np.asarray(scores)[known]
     order = np.argsort(-scores, kind="stable")
     sorted_scores, hits = scores[order], np.asarray(labels)[order] == 1
     last_of_threshold = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
@@ -109,7 +123,8 @@ def plot_roc_curves(path, *, labels, scores, classes, aucs, ci, title: str, mark
     header = [(line, "black") for line in title.splitlines()]
     header.append((f"{len(drawn)} of {len(classes)} classes scored on test (AUC, 95% CI over patients)", "black"))
     if skipped:
-        header.append((f"not scorable on test (one label value only): {', '.join(skipped)}", "black"))
+        header.append((f"not scorable on test (no known positive or no known negative): {', '.join(skipped)}",
+                       "black"))
     header += [(mark, "red") for mark in marks]
     columns = min(4, max(len(drawn), 1))
     rows = max(1, -(-len(drawn) // columns))
@@ -129,7 +144,7 @@ def plot_roc_curves(path, *, labels, scores, classes, aucs, ci, title: str, mark
         ax.plot(fpr, tpr, lw=1.5)
         low, high = ci[c]
         interval = f" [{low:.3f}, {high:.3f}]" if np.isfinite([low, high]).all() else ""
-        ax.set_title(f"{classes[c]} (n+ = {int(labels[:, c].sum())})\nAUC {aucs[c]:.3f}{interval}", fontsize=9)
+        ax.set_title(f"{classes[c]} (n+ = {int((labels[:, c] == 1).sum())})\nAUC {aucs[c]:.3f}{interval}", fontsize=9)
         ax.set_xlabel("false positive rate", fontsize=8)
         ax.set_ylabel("true positive rate", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -141,9 +156,10 @@ def plot_roc_curves(path, *, labels, scores, classes, aucs, ci, title: str, mark
 
 def auc_on_device(labels, scores):
     """AUC per (head, class) from ranks, on whatever device the tensors are on, so validation
-    needs no transfer of K x n x C scores: `labels` (n, C) in {0, 1}, `scores` (K, n, C); returns
-    (K, C) float64, NaN where a class has one label value. Ties get their average rank (counted
-    half), so the numbers equal roc_auc_score to float rounding."""
+    needs no transfer of K x n x C scores: `labels` (n, C) in {0, 1} or NaN (unknown: left out
+    of its class's ranks), `scores` (K, n, C); returns (K, C) float64, NaN where a class has no
+    known positive or no known negative. Ties get their average rank among the known rows
+    (counted half), so the numbers equal roc_auc_score on the known rows to float rounding."""
     import torch
 
     scores = scores.permute(0, 2, 1)  # (K, C, n): sort each head's class column
@@ -155,10 +171,15 @@ def auc_on_device(labels, scores):
     ends_group = torch.cat([differs, torch.ones_like(differs[..., :1])], dim=-1)
     group_start = torch.where(starts_group, position, 0).cummax(dim=-1).values
     group_end = torch.where(ends_group, position, n_rows).flip(-1).cummin(dim=-1).values.flip(-1)
-    midrank = (group_start + group_end).double() / 2 + 1
-    positive = labels.T.to(torch.float64).expand(scores.shape[0], -1, -1).gather(-1, order)
+    by_class = labels.T.to(torch.float64).expand(scores.shape[0], -1, -1).gather(-1, order)
+    known = (~torch.isnan(by_class)).double()
+    positive = (by_class == 1).double()
+    # ranks count known rows only: a tie group's mid-rank is the known rows before it plus half
+    # of (the known rows in it + 1)
+    known_up_to = known.cumsum(dim=-1)
+    midrank = ((known_up_to - known).gather(-1, group_start) + known_up_to.gather(-1, group_end) + 1) / 2
     n_pos = positive.sum(dim=-1)
-    n_neg = n_rows - n_pos
+    n_neg = known.sum(dim=-1) - n_pos
     rank_sum = (midrank * positive).sum(dim=-1)
     auc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full_like(auc, float("nan")))

@@ -17,10 +17,11 @@ from heads.metrics import confidence_intervals, patient_resamples, weighted_auc
 def delong_covariance(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(AUCs (k,), DeLong covariance matrix (k, k)) of k score vectors (k, n) for one binary
     label vector (n,), by the fast midrank algorithm of Sun and Xu (2014): O(k n log n) instead
-    of DeLong's O(k m n) pair counts. Ties count half, as in pROC and scikit-learn."""
-    labels = np.asarray(labels).astype(bool)
+    of DeLong's O(k m n) pair counts. Ties count half, as in pROC and scikit-learn. Images
+    whose label is unknown (NaN) are left out."""
+    labels = np.asarray(labels, dtype=np.float64)
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
-    positives, negatives = scores[:, labels], scores[:, ~labels]
+    positives, negatives = scores[:, labels == 1], scores[:, labels == 0]
     m, n = positives.shape[1], negatives.shape[1]
     if m == 0 or n == 0:
         raise ValueError("DeLong needs at least one positive and one negative image")
@@ -74,7 +75,7 @@ def holm(p_values) -> np.ndarray:
 def paired_bootstrap_auc(labels, scores_by_run, patient_ids, *, n_resamples: int = 1000, seed: int = 0,
                          chunk: int = 100) -> np.ndarray:
     """(n_resamples, runs, C) test AUCs of every run on the SAME resamples of patients; a
-    resample where a class has one label value only gives NaN for it in every run alike."""
+    resample where a class has no known positive or negative gives NaN for it in every run alike."""
     labels = np.asarray(labels)
     scores_by_run = [np.asarray(scores) for scores in scores_by_run]
     results = np.empty((n_resamples, len(scores_by_run), labels.shape[1]))

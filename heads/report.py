@@ -50,6 +50,7 @@ def score_run(*, classes, val, val_scores, test, test_scores, fit: dict, n_boots
     metrics["test"]["ci95"] = confidence_intervals(resampled)
     metrics["test"]["bootstrap"] = {"resamples": n_bootstrap, "unit": "patient", "seed": seed}
     for name in ("val", "test"):
+        metrics[name]["mean_over"] = [c for c, a in zip(classes, metrics[name]["auc"]) if a is not None]
         metrics[name]["auc"] = dict(zip(classes, metrics[name]["auc"]))
         metrics[name]["not_scorable"] = [classes[i] for i in metrics[name]["not_scorable"]]
     return metrics
@@ -117,11 +118,11 @@ def _json_default(value):
 
 def write_predictions(path, split, scores: np.ndarray, classes) -> None:
     """Probabilities as float32 written with 9 significant digits: every value reads back
-    to the same float32, so AUCs recomputed from the file match metrics.json exactly."""
+    to the same float32, so AUCs recomputed from the file match metrics.json exactly. Labels
+    are 1 or 0, an unknown one an empty cell."""
     frame = pd.DataFrame({"image_id": split.image_ids, "patient_id": split.patient_ids})
-    labels = split.labels.cpu().numpy().astype(np.uint8)
     probabilities = pd.DataFrame(scores.astype(np.float32), columns=[f"prob_{c}" for c in classes])
-    label_frame = pd.DataFrame(labels, columns=[f"label_{c}" for c in classes])
+    label_frame = pd.DataFrame(split.labels.cpu().numpy(), columns=[f"label_{c}" for c in classes]).astype("Int8")
     pd.concat([frame, probabilities, label_frame], axis=1).to_csv(path, index=False, float_format="%.9g")
 
 

@@ -137,19 +137,22 @@ class HeadStack:
                 masks.append(keep.to(dtype) / (1 - rate))
         return torch.stack(masks)
 
-    def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(K,) class-weighted BCE of each head (heads.model.weighted_bce, per head)."""
+    def losses(self, logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+        """(K,) class-weighted BCE of each head (heads.model.weighted_bce, per head); `known`
+        (rows, C) bool, where given, zeroes the unknown entries' terms (their targets are 0s)."""
         # w_pos y l(z) + w_neg (1-y) l(-z) = w_neg [ (w_pos/w_neg) y l(z) + (1-y) l(-z) ]: torch's
         # weight and pos_weight give it in one fused kernel instead of five element-wise ones
         per_element = F.binary_cross_entropy_with_logits(logits.float(), targets.expand_as(logits),
                                                          weight=self.w_neg, pos_weight=self.w_pos / self.w_neg,
                                                          reduction="none")
+        if known is not None:
+            per_element = per_element * known
         return per_element.mean(dim=(1, 2))
 
-    def train_step(self, x: torch.Tensor, targets: torch.Tensor, *, autocast) -> None:
+    def train_step(self, x: torch.Tensor, targets: torch.Tensor, *, autocast, known=None) -> None:
         with autocast():
             logits = self.forward(x, train=True)
-        losses = self.losses(logits, targets)
+        losses = self.losses(logits, targets, known)
         for param in self.params:
             param.grad = None
         # The heads share no weights, so the gradient of the sum is each head's own gradient.

@@ -117,7 +117,8 @@ def print_summary(run_dir, *, data: HeadData, metrics: dict, model: str = "head"
     skipped = {k: v for k, v in data.excluded.items() if v}
     print(f"\nrows: {rows}" + (f" (not done, excluded: {skipped})" if skipped else ""))
     if metrics["test"]["not_scorable"]:
-        print(f"not scorable on test (one label value only), left out of the mean: {metrics['test']['not_scorable']}")
+        print(f"not scorable on test (no known positive or no known negative), left out of the mean: "
+              f"{metrics['test']['not_scorable']}")
     val_mean = f"validation mean AUC {metrics['val']['mean_auc']:.4f} over {_scored(data.classes, metrics['val'])} classes"
     if "grid" in metrics:
         grid = metrics["grid"]

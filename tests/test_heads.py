@@ -274,7 +274,7 @@ def test_roc_figure_names_the_run_scores_and_lists_what_it_cannot_draw(tmp_path,
     header = " ".join(text for text, _ in texts)
     assert "synthetic-gaussian (separation=1.0)" in header and "cache figure.h5" in header
     assert "13 of 14 classes scored on test" in header
-    assert "not scorable on test (one label value only): Hernia" in header
+    assert "not scorable on test (no known positive or no known negative): Hernia" in header
     assert ("SYNTHETIC FEATURES", "red") in texts
     panels = [ax for ax in saved[0].get_axes() if ax.get_visible() and ax.axison]
     assert len(panels) == 13 and not any("Hernia" in ax.get_title() for ax in panels)
