@@ -14,6 +14,8 @@ head may have been trained or chosen, and are counted, never scored.
 """
 from __future__ import annotations
 
+import csv
+import gzip
 import importlib.util
 import math
 import re
@@ -89,22 +91,37 @@ def load_google2019(path=None) -> pd.DataFrame:
     table = pd.DataFrame({"image_id": _image_ids(raw, path), "official_split": _official_split(raw, path)})
     for finding in FINDINGS:
         table[finding] = _label_column(raw, finding, path)
-    _check_one_row_per_image(table, path)
+    _check_one_row_per_image(raw, path)
     table.attrs["path"] = str(path)
     return table
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    """The file's cells as stripped text. Read with the csv module rather than pandas, which
+    fills a short row with empty cells: here an empty cell means "not given"."""
     if not path.is_file():
-        raise ExpertLabelsError(f"{path}: no such file; pass --labels-csv with the path of {FILE_NAME}")
+        reason = "not a file" if path.exists() else "no such file"
+        raise ExpertLabelsError(f"{path}: {reason}; pass --labels-csv with the path of {FILE_NAME}")
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExpertLabelsError(f"{path}: cannot be read as a CSV ({reason}); pass {FILE_NAME} "
-                                f"as torchxrayvision ships it") from None
-    raw.columns = [str(name).strip() for name in raw.columns]
-    return raw.apply(lambda column: column.str.strip())
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:
+            lines = list(csv.reader(handle))
+    except (ValueError, OSError, EOFError, csv.Error) as err:  # ValueError: not UTF-8
+        raise ExpertLabelsError(f"{path}: cannot be read as a CSV ({str(err).strip().splitlines()[0]}); "
+                                f"pass {FILE_NAME} as torchxrayvision ships it") from None
+    if not lines:
+        raise ExpertLabelsError(f"{path}: the file is empty; pass {FILE_NAME}")
+    header, rows = lines[0], [(number, row) for number, row in enumerate(lines[1:], start=2) if row]
+    for number, row in rows:
+        if len(row) != len(header):
+            raise ExpertLabelsError(f"{path}, line {number}: {len(row)} cells where the header has "
+                                    f"{len(header)}; pass {FILE_NAME} as torchxrayvision ships it")
+    if not rows:
+        raise ExpertLabelsError(f"{path}: no image below the header; pass {FILE_NAME}")
+    frame = pd.DataFrame([[cell.strip() for cell in row] for _, row in rows],
+                         columns=[name.strip() for name in header])
+    frame.index = [number for number, _ in rows]  # the file's line numbers, for the messages
+    return frame
 
 
 def _check_columns(raw: pd.DataFrame, path: Path) -> None:
@@ -112,18 +129,16 @@ def _check_columns(raw: pd.DataFrame, path: Path) -> None:
     if missing:
         raise ExpertLabelsError(f"{path}: no column {', '.join(repr(m) for m in missing)} (the columns are "
                                 f"{', '.join(repr(c) for c in raw.columns[:20])}); pass {FILE_NAME}")
-
-
-def _line(index: int) -> int:
-    """The file line of data row `index` (line 1 is the header)."""
-    return index + 2
+    twice = [name for name in (IMAGE_COLUMN, *FINDINGS, SPLIT_COLUMN) if list(raw.columns).count(name) > 1]
+    if twice:
+        raise ExpertLabelsError(f"{path}: the header names column {twice[0]!r} twice; pass {FILE_NAME}")
 
 
 def _image_ids(raw: pd.DataFrame, path: Path) -> np.ndarray:
     ids = raw[IMAGE_COLUMN].to_numpy(dtype=object)
     bad = [i for i, image_id in enumerate(ids) if not NIH_IMAGE_ID.fullmatch(image_id)]
     if bad:
-        raise ExpertLabelsError(f"{path}, line {_line(bad[0])}, column {IMAGE_COLUMN!r}: {ids[bad[0]]!r} is not an "
+        raise ExpertLabelsError(f"{path}, line {raw.index[bad[0]]}, column {IMAGE_COLUMN!r}: {ids[bad[0]]!r} is not an "
                                 f"NIH image id (like 00000013_008.png)")
     return ids
 
@@ -134,7 +149,7 @@ def _official_split(raw: pd.DataFrame, path: Path) -> np.ndarray:
     values = raw[SPLIT_COLUMN].str.lower()
     bad = np.flatnonzero(~values.isin(list(SET_IDS)))
     if len(bad):
-        raise ExpertLabelsError(f"{path}, line {_line(bad[0])}, column {SPLIT_COLUMN!r}: "
+        raise ExpertLabelsError(f"{path}, line {raw.index[bad[0]]}, column {SPLIT_COLUMN!r}: "
                                 f"{raw[SPLIT_COLUMN].iloc[bad[0]]!r} is not one of {', '.join(SET_IDS)}")
     return values.map(SET_IDS).to_numpy(dtype=object)
 
@@ -143,20 +158,21 @@ def _label_column(raw: pd.DataFrame, finding: str, path: Path) -> np.ndarray:
     values = raw[finding].str.upper()
     bad = np.flatnonzero(~values.isin(list(LABEL_VALUES)))
     if len(bad):
-        raise ExpertLabelsError(f"{path}, line {_line(bad[0])}, column {finding!r}: {raw[finding].iloc[bad[0]]!r} "
+        raise ExpertLabelsError(f"{path}, line {raw.index[bad[0]]}, column {finding!r}: {raw[finding].iloc[bad[0]]!r} "
                                 f"is not YES, NO or empty (not given)")
     return values.map(LABEL_VALUES).to_numpy(dtype=np.float64)
 
 
-def _check_one_row_per_image(table: pd.DataFrame, path: Path) -> None:
+def _check_one_row_per_image(raw: pd.DataFrame, path: Path) -> None:
     """The file's own aggregation rule is one adjudicated row per image: a repeated image is a
     per-reader file or two files joined, whose labels this module would have to vote on."""
-    repeated = np.flatnonzero(table["image_id"].duplicated().to_numpy())
+    ids = raw[IMAGE_COLUMN]
+    repeated = np.flatnonzero(ids.duplicated().to_numpy())
     if len(repeated):
-        image_id = table["image_id"].iloc[repeated[0]]
-        first = int(np.flatnonzero(table["image_id"].to_numpy() == image_id)[0])
-        raise ExpertLabelsError(f"{path}, line {_line(repeated[0])}, column {IMAGE_COLUMN!r}: {image_id} is "
-                                f"already on line {_line(first)}; the file must hold one adjudicated row per image "
+        image_id = ids.iloc[repeated[0]]
+        first = ids.index[np.flatnonzero(ids.to_numpy() == image_id)[0]]
+        raise ExpertLabelsError(f"{path}, line {ids.index[repeated[0]]}, column {IMAGE_COLUMN!r}: {image_id} is "
+                                f"already on line {first}; the file must hold one adjudicated row per image "
                                 f"(per-reader labels are not read)")
 
 

@@ -289,6 +289,8 @@ BAD_FILES = {
     "bad split": (set_cell("Set Id", 7, "train"), "line 9, column 'Set Id': 'train' is not one of test, val"),
     "repeated image": (set_cell("Image Index", 10, lambda frame: frame.loc[2, "Image Index"]),
                        "line 12, column 'Image Index': 00000032_002.png is already on line 4"),
+    "column twice": (lambda frame: pd.concat([frame, frame[["Fracture"]]], axis=1),
+                     "the header names column 'Fracture' twice"),
     "not an NIH id": (set_cell("Image Index", 0, "patient1.jpg"),
                       "line 2, column 'Image Index': 'patient1.jpg' is not an NIH image id"),
 }
@@ -311,6 +313,14 @@ def test_a_file_that_is_not_a_csv_or_not_there_is_one_line(tmp_path):
         with pytest.raises(ExpertLabelsError, match=message) as err:
             load_google2019(path)
         assert "\n" not in str(err.value)
+
+
+def test_a_short_row_is_refused_not_read_as_findings_not_given(raw_file, tmp_path):
+    path = write_copy(raw_file, tmp_path / "labels.csv", rows=3)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines[:2], "", lines[2].rsplit(",", 3)[0]]) + "\n")  # a blank line, then 13 cells
+    with pytest.raises(ExpertLabelsError, match=r"labels.csv, line 4: 13 cells where the header has 16"):
+        load_google2019(path)
 
 
 def test_without_torchxrayvision_the_default_file_names_both_ways_out(monkeypatch):
