@@ -296,22 +296,12 @@ def _scored_rows(experts, image_ids, splits, cache_test_is_official: bool, path)
     cache_split = np.full(len(position), "", dtype=object)
     cache_split[position >= 0] = splits[position[position >= 0]]
     in_cache_test = cache_split == TEST
-    official = experts["official_split"].to_numpy()
-    if (official == "").all():
-        if not cache_test_is_official:
-            raise ExpertLabelsError(f"{path} has no {SPLIT_COLUMN!r} column and the cache's test split is not NIH's "
-                                    f"official test_list.txt, so no image is known to be an official test image; "
-                                    f"use a cache made from the official lists, or a file with {SPLIT_COLUMN}")
-        official = np.where(in_cache_test, "test", "train_val")
-    official_test = official == "test"
+    official_test, split_note = _official_test(experts, in_cache_test, cache_test_is_official, path)
     scored = official_test & in_cache_test
     if not scored.any():
         raise ExpertLabelsError(f"none of the {int(official_test.sum())} official-test images of {path} is among the "
                                 f"cache's done test rows; score a cache of NIH ChestX-ray14 with the official test split")
-    notes = [f"{path}: {len(experts)} expert-labelled images, {int(official_test.sum())} in NIH's official test "
-             f"list and {int((~official_test).sum())} in the official train/val list; those are never scored as "
-             f"test (a head may have been trained or chosen on them)",
-             f"{int(scored.sum())} of the official-test images are in the cache's test split and scored"]
+    notes = [split_note, f"{int(scored.sum())} of the official-test images are in the cache's test split and scored"]
     counts = {
         "official-test images are not among the cache rows given (not in the cache, or not extracted)":
             official_test & (position < 0),
@@ -323,6 +313,27 @@ def _scored_rows(experts, image_ids, splits, cache_test_is_official: bool, path)
     }
     notes += [f"{int(rows.sum())} {what}" for what, rows in counts.items() if rows.any()]
     return np.where(scored, position, -1), notes
+
+
+def _official_test(experts, in_cache_test, cache_test_is_official: bool, path) -> tuple[np.ndarray, str]:
+    """Per file row, whether the image is in NIH's official test list, and a note saying how
+    that is known: the file's Set Id, or (a file without one) the cache's test split where that
+    split is exactly test_list.txt."""
+    official = experts["official_split"].to_numpy()
+    if (official != "").all():
+        official_test = official == "test"
+        return official_test, (
+            f"{path}: {len(experts)} expert-labelled images, {int(official_test.sum())} in NIH's official test list "
+            f"and {int((~official_test).sum())} in the official train/val list; those are never scored as test "
+            f"(a head may have been trained or chosen on them)")
+    if not cache_test_is_official:
+        raise ExpertLabelsError(f"{path} has no {SPLIT_COLUMN!r} column and the cache's test split is not NIH's "
+                                f"official test_list.txt, so no image is known to be an official test image; "
+                                f"use a cache made from the official lists, or a file with {SPLIT_COLUMN}")
+    return in_cache_test, (
+        f"{path}: {len(experts)} expert-labelled images and no {SPLIT_COLUMN} column; the {int(in_cache_test.sum())} "
+        f"in the cache's test split (NIH's official test_list.txt) are the official-test ones, the others are "
+        f"never scored as test")
 
 
 def _finding_auc(finding, nih_classes, expert, nlp, score, patients, *, n_resamples, seed, level) -> FindingAUC:

@@ -274,6 +274,7 @@ def test_a_file_without_set_id_takes_the_split_of_an_official_cache_only(raw_fil
         expert_reference(unsplit, **arrays, n_resamples=50)
     reference = expert_reference(unsplit, **arrays, cache_test_is_official=True, n_resamples=50)
     assert len(reference.rows) == 100
+    assert "no Set Id column; the 100 in the cache's test split (NIH's official test_list.txt)" in reference.notes[0]
 
 
 def set_cell(column, row, value):
