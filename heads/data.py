@@ -48,6 +48,7 @@ class Split:
     features: torch.Tensor  # (n, D) float16, standardized with train mean and std
     labels: torch.Tensor  # (n, C) float32: 1, 0, or NaN where unknown
     metadata: dict | None = None  # the cache's per-row sex, age, view, study_id (None: it has none)
+    source: np.ndarray | None = None  # pooled data (heads/pool.py): the dataset of each row
 
     def __post_init__(self):
         # what the loss reads: targets with unknowns as 0 and the mask that zeroes their terms
@@ -71,6 +72,7 @@ class HeadData:
     caches: list = field(default_factory=list)  # one dict per cache: path, fingerprint, attrs, columns
     blocks: dict = field(default_factory=dict)  # block name -> (first column, end column)
     official_nih: bool = False  # the test split is exactly NIH's official test_list.txt
+    pooled: list = field(default_factory=list)  # the datasets pooled row-wise (heads/pool.py), else []
 
     @property
     def train(self):

@@ -49,11 +49,30 @@ def score_run(*, classes, val, val_scores, test, test_scores, fit: dict, n_boots
                               n_resamples=n_bootstrap, seed=seed)
     metrics["test"]["ci95"] = confidence_intervals(resampled)
     metrics["test"]["bootstrap"] = {"resamples": n_bootstrap, "unit": "patient", "seed": seed}
+    if test.source is not None:
+        metrics["by_dataset"] = {name: {"val": _dataset_figures(classes, val, val_scores, name),
+                                        "test": _dataset_figures(classes, test, test_scores, name,
+                                                                 n_bootstrap=n_bootstrap, seed=seed)}
+                                 for name in dict.fromkeys(test.source)}
     for name in ("val", "test"):
         metrics[name]["mean_over"] = [c for c, a in zip(classes, metrics[name]["auc"]) if a is not None]
         metrics[name]["auc"] = dict(zip(classes, metrics[name]["auc"]))
         metrics[name]["not_scorable"] = [classes[i] for i in metrics[name]["not_scorable"]]
     return metrics
+
+
+def _dataset_figures(classes, split, scores, dataset: str, *, n_bootstrap: int = 0, seed: int = 0) -> dict:
+    """A pooled split's figures on the rows of one dataset (heads/pool.py): per-class AUCs over
+    its known labels, their mean and over which classes, and (given n_bootstrap) the CIs."""
+    rows = split.source == dataset
+    labels = split.labels.cpu().numpy()[rows]
+    aucs = auc_per_class(labels, scores[rows])
+    figures = {"rows": int(rows.sum()), "auc": dict(zip(classes, aucs)), "mean_auc": mean_auc(aucs),
+               "mean_over": [c for c, a in zip(classes, aucs) if a is not None]}
+    if n_bootstrap:
+        resampled = bootstrap_auc(labels, scores[rows], split.patient_ids[rows], n_resamples=n_bootstrap, seed=seed)
+        figures["ci95"] = confidence_intervals(resampled)
+    return figures
 
 
 def write_run(partial: Path, *, classes, config: dict, metrics: dict, val, val_scores, test, test_scores,

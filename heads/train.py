@@ -4,6 +4,7 @@ on validation, score it once on test, and write a run directory (see heads/repor
     python -m heads.train --cache outputs/cache/features.h5 --depth 1 --width 512
     python -m heads.train --lr 1e-4,3e-4,1e-3 --weight-decay 0,1e-4   # a grid: 6 heads, one pass
     python -m heads.train --cache resnet.h5 --cache densenet.h5        # two caches side by side
+    python -m heads.train --pool --cache nih.h5 --cache chexpert.h5    # two datasets' rows, one head
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from heads import settings as head_settings
 from heads.cli import add_io_args, add_name_arg, cache_paths
 from heads.data import HeadsError, load_head_data
 from heads.estimator import Head, HeadGrid
+from heads.pool import load_pooled_data
 from heads.training import fit_and_report
 
 
@@ -25,6 +27,10 @@ def get_args_parser(add_help=True, description="Train a multi-label head on the 
     parser = OneLineParser("python -m heads.train", add_help=add_help, description=description)
     add_io_args(parser, out_help="run directory (default: outputs/runs/head-<time>)", multi_cache=True)
     add_name_arg(parser)
+    parser.add_argument("--pool", action="store_true",
+                        help="train on the union of the rows of the --cache files (several datasets, one encoder; "
+                             "each keeps its splits, test is also reported per dataset) instead of joining caches "
+                             "of the same images side by side")
     head_settings.add_setting_args(parser, grid=True)
     return parser
 
@@ -36,7 +42,7 @@ def main(args) -> int:
         check_out_dir(out, kind="run", overwrite=args.overwrite)  # before any work
         device = resolve_device(args.device)
         paths = cache_paths(args)
-        data = load_head_data(paths, device=device)
+        data = load_pooled_data(paths, device=device) if args.pool else load_head_data(paths, device=device)
         estimator = Head(grid[0], device=device) if len(grid) == 1 else HeadGrid(grid, device=device)
         fit_and_report(estimator, cache_path=paths, data=data, out=out, device=device, overwrite=args.overwrite,
                        n_bootstrap=args.bootstrap, name=args.name)

@@ -81,6 +81,9 @@ def run_config(*, cache_path, data, settings, device, class_weights_used: dict, 
                     "attrs": _recipe_attrs(entry["attrs"])} for entry in data.caches],
         "cache_attrs": _recipe_attrs(data.attrs),
         "official_nih_test_split": data.official_nih,
+        **({"pooled": {"datasets": data.pooled, "classes": "the union under the shared vocabulary; a class a "
+                                                              "dataset lacks is unknown on its rows"}}
+           if data.pooled else {}),
         "classes_without_train_positive": classes_without_train_positive(data),
         "device": str(device), "precision": resolve_precision(settings.get("precision", "auto"), torch.device(device)),
         "class_weights": {**class_weights_used, "formula": WEIGHTING_FORMULA},
@@ -119,6 +122,11 @@ def print_summary(run_dir, *, data: HeadData, metrics: dict, model: str = "head"
     if metrics["test"]["not_scorable"]:
         print(f"not scorable on test (no known positive or no known negative), left out of the mean: "
               f"{metrics['test']['not_scorable']}")
+    for dataset, figures in metrics.get("by_dataset", {}).items():
+        test = figures["test"]
+        low, high = test["ci95"]["mean"]
+        print(f"pooled, {dataset} rows only: test mean AUC {test['mean_auc']:.4f} [{low:.4f}, {high:.4f}] over "
+              f"{len(test['mean_over'])} classes ({test['rows']} images); validation {figures['val']['mean_auc']:.4f}")
     val_mean = f"validation mean AUC {metrics['val']['mean_auc']:.4f} over {_scored(data.classes, metrics['val'])} classes"
     if "grid" in metrics:
         grid = metrics["grid"]
