@@ -121,7 +121,7 @@ def read_source_run(run_dir, *, device="cpu") -> SourceRun:
     """The run's head and records; ExternalError for a folder that is not a single-cache head run."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ExternalError(f"{run_dir}: no such run directory; give a folder written by heads.train or search")
+        raise ExternalError(f"{run_dir} is not a folder; give a run directory written by heads.train or search")
     try:
         config, recipes = read_run(run_dir)
         head, checkpoint = read_checkpoint(run_dir / "head.pt", device=device)

@@ -20,7 +20,7 @@ from cache.vocabulary import SHARED, shared_name
 
 DIM = len(SHARED) + 4  # a column per shared name, and spare ones for rotated signal
 SPARE = len(SHARED)
-ROWS = {"train": 900, "val": 400, "test": 900}
+ROWS = {"train": 600, "val": 300, "test": 600}
 CLASSES = {"nih": ["Effusion", "Cardiomegaly", "Nodule", "Hernia"],
            "chexpert": ["Pleural Effusion", "Cardiomegaly", "Edema"],
            "padchest": ["pleural effusion", "cardiomegaly", "nodule", "scoliosis"]}
