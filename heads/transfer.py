@@ -119,8 +119,9 @@ def train_source(partial: Path, source: Source, *, grid, device, n_bootstrap):
     """The source's run directory under runs/, exactly as heads.train writes one."""
     data = load_head_data([source.path], device=device)
     estimator = Head(grid[0], device=device) if len(grid) == 1 else HeadGrid(grid, device=device)
-    run_dir, metrics = fit_and_report(estimator, cache_path=[source.path], data=data, out=partial / "runs" / source.name,
-                                      device=device, n_bootstrap=n_bootstrap, name=source.name, quiet=True)
+    run_dir, metrics = fit_and_report(estimator, cache_path=[source.path], data=data, device=device,
+                                      out=partial / "runs" / source.name, n_bootstrap=n_bootstrap, name=source.name,
+                                      quiet=True)
     print(f"{source.name}: head trained on {source.path} (validation mean AUC {metrics['val']['mean_auc']:.4f}), "
           f"test mean AUC {metrics['test']['mean_auc']:.4f}")
     return read_source_run(run_dir, device=device)
@@ -187,7 +188,11 @@ def cell_text(cell: Cell) -> str:
         return "no shared class"
     if cell.mean_auc is None:
         return "no shared scorable class"
-    return f"{cell.mean_auc:.3f} ({len(cell.scored)} classes)"
+    return f"{cell.mean_auc:.3f} ({_count(len(cell.scored), 'class')})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 def write_markdown(path: Path, *, sources, cells, dropped, settings_grid, n_bootstrap) -> None:
@@ -206,7 +211,8 @@ def write_markdown(path: Path, *, sources, cells, dropped, settings_grid, n_boot
     for source in names:
         drop = dropped[source]["drop"]
         detail = "; ".join(f"{t}: {d:+.3f} ({len(c)})" for t, (d, c) in dropped[source]["cells"].items())
-        lines.append(f"| {source} | {'-' if drop is None else f'{drop:+.3f}'} | {detail or 'no target shares a scorable class'} |")
+        drop = "-" if drop is None else f"{drop:+.3f}"
+        lines.append(f"| {source} | {drop} | {detail or 'no target shares a scorable class'} |")
     lines += ["", "## Caches", "", "| name | dataset | classes | path | fingerprint |", "|---|---|---|---|---|"]
     lines += [f"| {s.name} | {dataset_title(s.dataset)} | {len(s.attrs['classes'])} | {s.path.resolve()} | "
               f"{s.attrs['fingerprint'][:12]} |" for s in sources]
@@ -220,7 +226,8 @@ def write_markdown(path: Path, *, sources, cells, dropped, settings_grid, n_boot
                     f"({dataset_title(_dataset(sources, cell.target))})")
             lines.append(f"| {cell.source} | {cell.target} | {pair} | {auc} | {ci} | {row['n_pos']} | {row['n_neg']} |")
     lines += ["", f"CIs: {n_bootstrap} patient-bootstrap resamples of each target's test split. Head settings "
-              f"({len(settings_grid)} in the grid, chosen per source on its validation split): runs/<source>/config.json. "
+              f"({len(settings_grid)} in the grid, chosen per source on its validation split): "
+              "runs/<source>/config.json. "
               "Every AUC recomputes from evaluations/<source>-on-<target>/predictions_test.csv."]
     marks = _marks(sources)
     if marks:
@@ -255,15 +262,13 @@ def plot_matrix(path: Path, *, sources, cells, dropped) -> None:
                        for s in names])
     size = 1.6 + 1.3 * len(names)
     fig, ax = plt.subplots(figsize=(size + 1.5, size), layout="constrained")
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("0.85")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")  # grey: no shared scorable class
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.5, vmax=1.0)
     fig.colorbar(image, ax=ax, label="mean AUC over shared classes")
     for i, source in enumerate(names):
         for j, target in enumerate(names):
             cell = cells[source, target]
-            text = cell_text(cell).replace(" (", "\n(") if cell.mean_auc is not None else cell_text(cell).replace(" ", "\n", 1)
-            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+            ax.text(j, i, _two_lines(cell_text(cell)), ha="center", va="center", fontsize=8,
                     color="black" if cell.mean_auc is None or cell.mean_auc > 0.75 else "white")
         ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, edgecolor="red"))
     ax.set_xticks(range(len(names)), [f"{n}\n({dataset_title(_dataset(sources, n))})" for n in names], fontsize=8)
@@ -271,12 +276,19 @@ def plot_matrix(path: Path, *, sources, cells, dropped) -> None:
     ax.set_xlabel("tested on (test split)")
     ax.set_ylabel("trained on")
     drop_text = ", ".join(f"{s} {d['drop']:+.3f}" for s, d in dropped.items() if d["drop"] is not None)
-    title = f"{sources[0].attrs['backbone']}: transfer matrix (diagonal outlined)\ndrop from the diagonal: {drop_text or '-'}"
+    title = (f"{sources[0].attrs['backbone']}: transfer matrix (diagonal outlined)\n"
+             f"drop from the diagonal: {drop_text or '-'}")
     ax.set_title(title, fontsize=9)
     if _marks(sources):
         fig.suptitle("; ".join(_marks(sources)), color="red", fontsize=9, weight="bold")
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _two_lines(text: str) -> str:
+    """A cell's text in two lines: `0.913` over `(4 classes)`, or `no` over `shared class`."""
+    head, bracket, tail = text.partition(" (")
+    return f"{head}\n({tail}" if bracket else text.replace(" ", "\n", 1)
 
 
 def format_matrix(sources, cells, dropped) -> str:
@@ -288,9 +300,9 @@ def format_matrix(sources, cells, dropped) -> str:
         lines.append(f"{source:<{width}}" + "".join(f"{t:>{width}}" for t in texts))
     lines.append("(* the diagonal: each head on its own test split)")
     for source in names:
-        drop = dropped[source]["drop"]
-        lines.append(f"drop from the diagonal, {source}: " + ("no target shares a scorable class" if drop is None else
-                                                              f"{drop:+.3f} over {len(dropped[source]['cells'])} targets"))
+        drop, targets = dropped[source]["drop"], len(dropped[source]["cells"])
+        said = "no target shares a scorable class" if drop is None else f"{drop:+.3f} over {_count(targets, 'target')}"
+        lines.append(f"drop from the diagonal, {source}: {said}")
     lines.append(f"({DROP_DEFINITION})")
     return "\n".join(lines)
 
