@@ -153,3 +153,8 @@ def test_compare_reads_two_encoders_evaluations_and_gives_their_paired_differenc
     planted = np.mean([planted_auc(1.0) - planted_auc(2.0), planted_auc(1.0, ROTATED) - planted_auc(2.0, ROTATED)])
     assert mean["difference"] == pytest.approx(planted, abs=0.05)
     assert mean["ci_high"] < 0
+    # the same patients resampled from the same seed: heads.compare's intervals are the evaluation's
+    board = pd.read_csv(world / "compared" / "comparison.csv").set_index("run").loc["nih-encoder-a on chexpert-encoder-a"]
+    ci = json.loads((world / "external-encoder-a" / "metrics.json").read_text())["test"]["ci95"]["per_class"]
+    assert [board["ci_low_Pleural Effusion"], board["ci_high_Cardiomegaly"]] == pytest.approx([ci[0][0], ci[1][1]],
+                                                                                            abs=1e-6)
