@@ -19,7 +19,8 @@ import cache
 from cache.flags import OneLineParser, number_type
 from cache.outdir import OutDirError, check_out_dir, discard_partial, finish_out_dir, prepare_out_dir
 from heads.cli import BOOTSTRAP_VALID
-from heads.external import (SPLIT_CHOICES, ExternalError, check_same_recipe, check_target, evaluate,
+from heads.predict import say_warnings
+from heads.external import (SPLIT_CHOICES, ExternalError, check_same_recipe, check_split, check_target, evaluate,
                             format_evaluation, read_source_run, read_target, write_evaluation)
 
 KIND = "evaluation"
@@ -47,12 +48,15 @@ def main(args) -> int:
     try:
         check_out_dir(out, kind=KIND, overwrite=args.overwrite)  # before any work
         run = read_source_run(args.run)
-        check_same_recipe(run, check_target(args.cache), args.cache)
+        attrs = check_target(args.cache)
+        check_same_recipe(run, attrs, args.cache)
+        check_split(run, attrs, split=args.split)
         evaluation = evaluate(run, read_target(args.cache, split=args.split), n_bootstrap=args.bootstrap)
         partial = prepare_out_dir(out, kind=KIND, overwrite=args.overwrite)
     except (ExternalError, cache.CacheError, OutDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    say_warnings(run.config, [run.recipe], notes=[])  # random encoder weights, classes the run never learned
     try:
         write_evaluation(partial, evaluation)
         finish_out_dir(partial, out, kind=KIND)

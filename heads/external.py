@@ -186,6 +186,13 @@ def check_same_recipe(run: SourceRun, attrs: dict, path) -> None:
                             f"{', '.join(differ)}); extract the target with the run's encoder recipe")
 
 
+def check_split(run: SourceRun, attrs: dict, *, split: str) -> None:
+    """--split all on the run's own cache would score the rows it was trained and chosen on."""
+    if split == "all" and attrs["fingerprint"] == run.recipe["fingerprint"]:
+        raise ExternalError(f"--split all on the cache {run.path} was trained on would score its train and val "
+                            f"rows; use --split test (the run's own test AUCs), or another dataset's cache")
+
+
 def read_target(path, *, split: str) -> Target:
     """The done rows of `split` ("all": every split) of a checked cache. Expert labels
     (heads/expert.py, --labels google2019) replace `labels` on their images here."""

@@ -40,7 +40,7 @@ from cache.outdir import OutDirError, check_out_dir, discard_partial, finish_out
 from cache.runtime import DeviceUnavailable, resolve_device, versions
 from heads import settings as head_settings
 from heads.cli import BOOTSTRAP_VALID
-from heads.data import HeadsError, load_head_data
+from heads.data import HeadsError, load_head_data, scoring_warnings
 from heads.estimator import Head, HeadGrid
 from heads.external import (ExternalError, check_target, dataset_of, dataset_title, evaluate, read_source_run,
                             read_target, recipe_differences, write_evaluation)
@@ -118,6 +118,8 @@ class Cell:
 def train_source(partial: Path, source: Source, *, grid, device, n_bootstrap):
     """The source's run directory under runs/, exactly as heads.train writes one."""
     data = load_head_data([source.path], device=device)
+    for line in scoring_warnings(data):
+        print(f"warning ({source.name}): {line}", file=sys.stderr)
     estimator = Head(grid[0], device=device) if len(grid) == 1 else HeadGrid(grid, device=device)
     run_dir, metrics = fit_and_report(estimator, cache_path=[source.path], data=data, device=device,
                                       out=partial / "runs" / source.name, n_bootstrap=n_bootstrap, name=source.name,

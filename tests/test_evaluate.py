@@ -96,6 +96,13 @@ def test_the_targets_train_and_val_rows_play_no_part(world):
     assert clean == dirty
 
 
+def test_split_all_scores_every_done_row_of_another_dataset(world):
+    evaluate(world, "run-encoder-a", "chexpert-encoder-a.h5", "all-rows", "--split", "all")
+    frame = pd.read_csv(world / "all-rows" / "predictions_test.csv")
+    assert len(frame) == len(cache.read_table(world / "chexpert-encoder-a.h5")["image_id"])
+    assert json.loads((world / "all-rows" / "metrics.json").read_text())["target"]["split"] == "all"
+
+
 def test_unknown_labels_are_left_out_of_their_class_only():
     rng = np.random.default_rng(0)
     labels = (rng.random((400, 3)) < 0.3).astype(np.float32)
@@ -132,9 +139,10 @@ def test_refusals_are_one_line_and_write_nothing(world):
     cases = [("run-encoder-a", "chexpert-encoder-b.h5", "differ: weights"),
              ("run-encoder-a", "unrelated.h5", "share no class"),
              ("nih-encoder-a.h5", "chexpert-encoder-a.h5", "is not a folder"),
-             ("", "chexpert-encoder-a.h5", "not a head run directory")]
-    for run, target, said in cases:
-        result = evaluate(world, run, target, "refused", check_rc=2)
+             ("", "chexpert-encoder-a.h5", "not a head run directory"),
+             ("run-encoder-a", "nih-encoder-a.h5", "would score its train and val rows", "--split", "all")]
+    for run, target, said, *flags in cases:
+        result = evaluate(world, run, target, "refused", *flags, check_rc=2)
         assert said in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not (world / "refused").exists() and not (world / "refused.partial").exists()
 
@@ -158,3 +166,13 @@ def test_compare_reads_two_encoders_evaluations_and_gives_their_paired_differenc
     ci = json.loads((world / "external-encoder-a" / "metrics.json").read_text())["test"]["ci95"]["per_class"]
     assert [board["ci_low_Pleural Effusion"], board["ci_high_Cardiomegaly"]] == pytest.approx([ci[0][0], ci[1][1]],
                                                                                             abs=1e-6)
+
+
+@pytest.mark.parametrize("flags, said", [(["--split", "val"], "invalid choice"),
+                                         (["--bootstrap", "0"], "outside [1, 100000]")])
+def test_a_bad_flag_is_one_line(flags, said, capsys):
+    from heads.evaluate import get_args_parser
+    with pytest.raises(SystemExit) as stopped:
+        get_args_parser().parse_args(["run", "--cache", "x.h5", *flags])
+    message = capsys.readouterr().err
+    assert stopped.value.code == 2 and message.count("\n") == 1 and said in message

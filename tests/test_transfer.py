@@ -105,3 +105,11 @@ def test_caches_of_different_encoders_are_refused_before_any_work(matrix, tmp_pa
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     result = call_main("heads.transfer", "--cache", root / "nih.h5", "--out", tmp_path / "out", check_rc=2)
     assert "at least two different caches" in result.stderr
+
+
+def test_a_bad_head_setting_is_one_line(capsys):
+    from heads.transfer import get_args_parser
+    with pytest.raises(SystemExit) as stopped:
+        get_args_parser().parse_args(["--cache", "a.h5", "--cache", "b.h5", "--lr", "0.1,0"])
+    message = capsys.readouterr().err
+    assert stopped.value.code == 2 and message.count("\n") == 1 and "outside (0, 1]" in message
