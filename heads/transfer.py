@@ -42,8 +42,8 @@ from heads import settings as head_settings
 from heads.cli import BOOTSTRAP_VALID
 from heads.data import HeadsError, load_head_data, scoring_warnings
 from heads.estimator import Head, HeadGrid
-from heads.external import (ExternalError, check_target, dataset_of, dataset_title, evaluate, read_source_run,
-                            read_target, recipe_differences, write_evaluation)
+from heads.external import (ExternalError, check_target, class_pairs, dataset_of, dataset_title, evaluate,
+                            read_source_run, read_target, recipe_differences, write_evaluation)
 from heads.report import _write_json
 from heads.training import fit_and_report
 
@@ -107,8 +107,6 @@ class Cell:
     target: str
     rows: list  # transfer.csv rows of its class pairs ([] when the caches share no class)
     mean_auc: float | None  # over its scorable pairs
-    ci: list  # the mean's 95% CI
-    folder: str | None  # its evaluation folder, relative to the transfer folder
 
     @property
     def scored(self) -> list:
@@ -130,11 +128,13 @@ def train_source(partial: Path, source: Source, *, grid, device, n_bootstrap):
 
 
 def score_cell(partial: Path, out: Path, run, source: Source, target: Source, rows, *, n_bootstrap) -> Cell:
-    """The run scored on the target's test rows, its evaluation folder written under evaluations/."""
-    try:
-        evaluation = evaluate(run, rows, n_bootstrap=n_bootstrap)
-    except ExternalError:  # no class in common: the cell says so
-        return Cell(source=source.name, target=target.name, rows=[], mean_auc=None, ci=[np.nan, np.nan], folder=None)
+    """The run scored on the target's test rows, its evaluation folder written under evaluations/;
+    a cell without a class in common says so and has no folder."""
+    pairs, _, _ = class_pairs(source_dataset=run.dataset, source_classes=run.classes, target_dataset=rows.dataset,
+                              target_classes=rows.classes)
+    if not pairs:
+        return Cell(source=source.name, target=target.name, rows=[], mean_auc=None)
+    evaluation = evaluate(run, rows, n_bootstrap=n_bootstrap)
     folder = f"evaluations/{source.name}-on-{target.name}"
     built = prepare_out_dir(partial / folder, kind="evaluation", overwrite=False)
     write_evaluation(built, evaluation, run_path=out / "runs" / source.name)
@@ -145,8 +145,7 @@ def score_cell(partial: Path, out: Path, run, source: Source, target: Source, ro
                   "n_pos": test["n_pos"][pair.target], "n_neg": test["n_neg"][pair.target]}
                  for pair, ci in zip(evaluation.pairs, test["ci95"]["per_class"])]
     mean = test["mean_auc"] if test["mean_over"] else None
-    return Cell(source=source.name, target=target.name, rows=cell_rows, mean_auc=mean, ci=test["ci95"]["mean"],
-                folder=folder)
+    return Cell(source=source.name, target=target.name, rows=cell_rows, mean_auc=mean)
 
 
 def build_matrix(partial: Path, out: Path, sources: list[Source], *, grid, device, n_bootstrap) -> dict:
