@@ -176,3 +176,11 @@ def test_a_bad_flag_is_one_line(flags, said, capsys):
         get_args_parser().parse_args(["run", "--cache", "x.h5", *flags])
     message = capsys.readouterr().err
     assert stopped.value.code == 2 and message.count("\n") == 1 and said in message
+
+
+def test_a_run_joining_two_caches_is_refused_in_one_line(world):
+    call_main("heads.train", "--cache", world / "nih-encoder-a.h5", "--cache", world / "nih-encoder-b.h5",
+              "--out", world / "joined", *FAST, check_rc=0)
+    result = evaluate(world, "joined", "chexpert-encoder-a.h5", "refused", check_rc=2)
+    assert "joins 2 caches" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (world / "refused").exists()
