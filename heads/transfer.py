@@ -26,7 +26,6 @@ sharing a scorable class. Per cell, on the same classes, so a cell's class mix c
 from __future__ import annotations
 
 import datetime
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
