@@ -5,6 +5,8 @@ Each folder a command creates carries a marker file, `.cxr14-kit`, that names it
     run         heads.train, heads.baseline, and the best_run/ of a search (one writer, heads/report.py)
     search      python -m search (written in place, resumed by the same command)
     comparison  python -m heads.compare
+    evaluation  python -m heads.evaluate (a run scored on another cache: heads.compare reads it as a run)
+    transfer    python -m heads.transfer (its runs/ and evaluations/ inside are run and evaluation folders)
 
 The rules, the same in every command and checked before any work:
 - `--out` that does not exist, or is an empty folder, is written.
@@ -37,6 +39,8 @@ KINDS = {  # each kind and the commands that write it
     "run": "heads.train, heads.baseline or a search's best_run",
     "search": "python -m search",
     "comparison": "python -m heads.compare",
+    "evaluation": "python -m heads.evaluate or heads.transfer",
+    "transfer": "python -m heads.transfer",
 }
 UNKNOWN = "unknown"  # an older marker whose folder's files do not tell its kind
 SEARCH_FILES = ("study.db", "trials.csv", "best_params.json")
