@@ -239,7 +239,7 @@ def _read_standardized(paths, rows: dict, dims: list, table, attrs_list, *, dtyp
                 _standardize_in_place(matrix, span, mean[span], std[span])
         else:
             for chosen, block in plan.blocks(path, table):
-                plan.store(matrices, chosen, span, _standardized(block, mean[span], std[span]))
+                plan.store(matrices, chosen, span, standardized(block, mean[span], std[span]))
         column += dim
     return matrices, mean, std
 
@@ -298,7 +298,7 @@ class _Moments:
         return self.mean.astype(np.float32), std.astype(np.float32)
 
 
-def _standardized(block: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def standardized(block: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """(block - mean) / std in float32, in place; a value far outside the train range would
     overflow float16 to inf, so it is held at float16's largest value."""
     block -= mean
@@ -309,7 +309,7 @@ def _standardized(block: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.nd
 def _standardize_in_place(matrix: np.ndarray, columns: slice, mean: np.ndarray, std: np.ndarray) -> None:
     for start in range(0, len(matrix), BLOCK_ROWS):
         block = matrix[start:start + BLOCK_ROWS, columns].astype(np.float32)
-        matrix[start:start + BLOCK_ROWS, columns] = _standardized(block, mean, std)
+        matrix[start:start + BLOCK_ROWS, columns] = standardized(block, mean, std)
 
 
 def _check_finite(block: np.ndarray, image_ids, cache_path) -> None:

@@ -29,12 +29,11 @@ import torch
 
 import cache
 from cache.vocabulary import mapping
-from heads.data import Split, _standardized
+from heads.data import Split, standardized
 from heads.fit import predict_proba
-from heads.metrics import auc_per_class, confidence_intervals, mean_auc, patient_resamples, plot_roc_curves, \
-    weighted_auc
+from heads.metrics import auc_per_class, bootstrap_auc, confidence_intervals, mean_auc, plot_roc_curves
 from heads.predict import PredictError, read_checkpoint, read_run
-from heads.report import _write_json, write_predictions
+from heads.report import write_json, write_predictions
 
 # What decides what a feature means: two caches agreeing on these hold the same encoder's
 # features (precision and storage dtype only round them).
@@ -219,7 +218,7 @@ def read_target(path, *, split: str) -> Target:
 def head_probabilities(run: SourceRun, features: np.ndarray) -> np.ndarray:
     """(n, C) probabilities of the run's head: the run's train standardisation, then float16 as
     the head's own test features were held (heads.data), so its own cache gives its own numbers."""
-    standardized = _standardized(features.copy(), run.checkpoint["feature_mean"].cpu().numpy(),
+    standardized = standardized(features.copy(), run.checkpoint["feature_mean"].cpu().numpy(),
                                  run.checkpoint["feature_std"].cpu().numpy())
     return predict_proba(run.head, torch.from_numpy(standardized.astype(np.float16)))
 
@@ -228,17 +227,11 @@ def score_known(labels: np.ndarray, scores: np.ndarray, patient_ids, *, n_bootst
     """Per class (column): AUC over the rows whose label is known, None when the class has no
     known positive or no known negative; patient-bootstrap 95% CIs from one set of resamples
     for every class (so the mean has one too); counts of positives, negatives and unknowns."""
-    known = ~np.isnan(labels)
-    aucs = [auc_per_class(labels[known[:, c], c][:, None], scores[known[:, c], c][:, None])[0]
-            for c in range(labels.shape[1])]
-    resampled = np.empty((n_bootstrap, labels.shape[1]))
-    for resamples, weights in patient_resamples(patient_ids, n_resamples=n_bootstrap, seed=seed):
-        for c in range(labels.shape[1]):
-            rows = known[:, c]
-            resampled[resamples, c] = weighted_auc(labels[rows, c], scores[rows, c], weights[:, rows])
+    aucs = auc_per_class(labels, scores)
+    resampled = bootstrap_auc(labels, scores, patient_ids, n_resamples=n_bootstrap, seed=seed)
     return {"auc": aucs, "mean_auc": mean_auc(aucs), "ci95": confidence_intervals(resampled),
             "n_pos": (labels == 1).sum(axis=0).tolist(), "n_neg": (labels == 0).sum(axis=0).tolist(),
-            "n_unknown": (~known).sum(axis=0).tolist()}
+            "n_unknown": np.isnan(labels).sum(axis=0).tolist()}
 
 
 @dataclass
@@ -332,8 +325,8 @@ def write_evaluation(partial: Path, evaluation: Evaluation, *, run_path=None) ->
     `run_path`: where the source run will be (heads.transfer builds it aside, then renames)."""
     metrics = dict(evaluation.metrics)
     metrics["source_run"] = dict(metrics["source_run"], path=str(Path(run_path or evaluation.run.path).resolve()))
-    _write_json(partial / "config.json", evaluation_config(evaluation, run_path=run_path))
-    _write_json(partial / "metrics.json", metrics)
+    write_json(partial / "config.json", evaluation_config(evaluation, run_path=run_path))
+    write_json(partial / "metrics.json", metrics)
     rows = Split(name="test", image_ids=evaluation.target.image_ids, patient_ids=evaluation.target.patient_ids,
                  features=torch.empty(0), labels=torch.from_numpy(evaluation.labels))
     write_predictions(partial / "predictions_test.csv", rows, evaluation.scores, evaluation.classes)

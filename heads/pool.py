@@ -23,27 +23,7 @@ import cache
 from cache.schema import SPLITS, TRAIN
 from cache.vocabulary import shared_name
 from heads.data import (HeadData, HeadsError, Split, _check_val_scorable, _Moments, _RowPlan, _split_rows,
-                        _standardized, float_labels, TRAIN_ORDER_SEED)
-
-# The cache attributes that make two caches' features comparable: the same encoder, weights
-# and image-to-feature recipe. Where they differ, pooling (or scoring a head on the other
-# cache) would feed a head features it has never seen the like of.
-RECIPE_KEYS = ("backbone", "weights", "weights_sha256", "image_size", "preprocessing", "feature_dim", "precision")
-
-
-def recipe_differences(attrs_a: dict, attrs_b: dict) -> list[str]:
-    """The RECIPE_KEYS on which two caches' attributes differ."""
-    return [key for key in RECIPE_KEYS if _comparable(attrs_a.get(key)) != _comparable(attrs_b.get(key))]
-
-
-def _comparable(value):
-    return value.tolist() if isinstance(value, np.ndarray) else value
-
-
-def dataset_name(attrs: dict) -> str:
-    """The reader that made a cache: version 1 caches are NIH's."""
-    return str(attrs.get("dataset", "nih"))
-
+                        standardized, float_labels, TRAIN_ORDER_SEED)
 
 def load_pooled_data(cache_paths, *, device="cpu", dtype=np.float16) -> HeadData:
     """Read several datasets' caches as one HeadData whose splits are the union of theirs, in
@@ -62,7 +42,7 @@ def load_pooled_data(cache_paths, *, device="cpu", dtype=np.float16) -> HeadData
             raise HeadsError(f"{path} has extracted rows not merged yet; rerun `python -m extract` with the same "
                              f"settings to finish it")
     _check_poolable(paths, attrs_list)
-    names = [dataset_name(a) for a in attrs_list]
+    names = [dataset_of(a) for a in attrs_list]
     classes = _union_classes(names, attrs_list)
     rows = [_split_rows(table, table["done"], [path])[0] for table, path in zip(tables, paths)]
     mean, std = _pooled_moments(paths, tables, rows, int(attrs_list[0]["feature_dim"]))
@@ -80,7 +60,7 @@ def load_pooled_data(cache_paths, *, device="cpu", dtype=np.float16) -> HeadData
 
 
 def _check_poolable(paths, attrs_list) -> None:
-    names = [dataset_name(a) for a in attrs_list]
+    names = [dataset_of(a) for a in attrs_list]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise HeadsError(f"--pool: two caches of the dataset {repeated[0]}; pool one cache per dataset")
@@ -116,7 +96,7 @@ def _pooled_split(split, paths, tables, rows, names, attrs_list, classes, mean, 
         plan = _RowPlan({s: (chosen if s == split else np.empty(0, int)) for s in SPLITS})
         matrix = np.empty((len(chosen), len(mean)), dtype)
         for positions, block in plan.blocks(path, table):
-            matrix[plan.destination[positions]] = _standardized(block, mean, std)
+            matrix[plan.destination[positions]] = standardized(block, mean, std)
         parts["features"].append(matrix)
         parts["labels"].append(_labels_in(classes, name, attrs["classes"], table["labels"][chosen]))
         parts["image_ids"].append(np.asarray([f"{name}:{i}" for i in table["image_id"][chosen]], dtype=object))

@@ -79,8 +79,8 @@ def write_run(partial: Path, *, classes, config: dict, metrics: dict, val, val_s
               checkpoint: dict | None, official_nih: bool, tables: dict | None = None) -> None:
     """Write every file of a run into `partial` from what was scored (nothing is computed here
     but the plot)."""
-    _write_json(partial / "config.json", config)
-    _write_json(partial / "metrics.json", metrics)
+    write_json(partial / "config.json", config)
+    write_json(partial / "metrics.json", metrics)
     per_class_table(classes, metrics, official_nih=official_nih).to_csv(partial / "per_class_auc.csv", index=False,
                                                                         float_format="%.4f")
     write_predictions(partial / "predictions_val.csv", val, val_scores, classes)
@@ -121,7 +121,7 @@ def figure_title(config: dict, metrics: dict, *, official_nih: bool) -> tuple[st
     return title, marks
 
 
-def _write_json(path, content) -> None:
+def write_json(path, content) -> None:
     path.write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
 
 

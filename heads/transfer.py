@@ -43,7 +43,7 @@ from heads.data import HeadsError, load_head_data, scoring_warnings
 from heads.estimator import Head, HeadGrid
 from heads.external import (ExternalError, check_target, class_pairs, dataset_of, dataset_title, evaluate,
                             read_source_run, read_target, recipe_differences, write_evaluation)
-from heads.report import _write_json
+from heads.report import write_json
 from heads.training import fit_and_report
 
 KIND = "transfer"
@@ -313,7 +313,7 @@ def write_transfer(partial: Path, *, sources, cells, grid, n_bootstrap) -> dict:
     write_markdown(partial / "transfer.md", sources=sources, cells=cells, dropped=dropped, settings_grid=grid,
                    n_bootstrap=n_bootstrap)
     plot_matrix(partial / "transfer.png", sources=sources, cells=cells, dropped=dropped)
-    _write_json(partial / "transfer.json", {
+    write_json(partial / "transfer.json", {
         "caches": [{"name": s.name, "path": str(s.path.resolve()), "dataset": s.dataset,
                     "fingerprint": s.attrs["fingerprint"]} for s in sources],
         "settings_grid": grid, "bootstrap": {"resamples": n_bootstrap, "unit": "patient"},

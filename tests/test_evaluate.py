@@ -121,9 +121,6 @@ def test_unknown_labels_are_left_out_of_their_class_only():
     assert np.isfinite(scored["ci95"]["per_class"][0]).all() and np.isnan(scored["ci95"]["per_class"][2]).all()
 
 
-@pytest.mark.xfail(reason="needs the NaN-aware heads/report.py write_predictions and heads/metrics.py "
-                          "plot_roc_curves of the unknown-labels change; remove this mark when it lands",
-                   strict=False)
 def test_an_unknown_label_is_an_empty_cell_and_counted_apart(world):
     evaluate(world, "run-encoder-a", "unknown.h5", "unknown")
     frame = pd.read_csv(world / "unknown" / "predictions_test.csv", keep_default_na=False, dtype=str)
