@@ -94,9 +94,9 @@ def weighted_rates(labels, scores, weights, threshold: float) -> dict:
     NaN where a rate's denominator is 0."""
     called = scores >= threshold
     positive, negative = labels == 1, labels == 0
-    weights = np.asarray(weights, np.float64)
-    tp, fn = weights @ (positive & called), weights @ (positive & ~called)
-    fp, tn = weights @ (negative & called), weights @ (negative & ~called)
+    cells = np.stack([positive & called, positive & ~called, negative & called, negative & ~called], axis=1)
+    # whole-number counts: exact in the weights' float32 up to 2**24 rows
+    tp, fn, fp, tn = (weights @ cells.astype(weights.dtype)).astype(np.float64).T
     return {"sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp), "ppv": _ratio(tp, tp + fp),
             "npv": _ratio(tn, tn + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn), "fnr": _ratio(fn, tp + fn)}
 
@@ -107,21 +107,29 @@ def _ratio(numerator, denominator):
 
 
 def weighted_average_precision(labels, scores, weights) -> np.ndarray:
-    """Average precision under each row of weights: the sum over distinct thresholds of the
-    recall gained times the precision there, scikit-learn's average_precision_score (equal to
-    it to float rounding with all weights 1: tested). Computed here because importing
-    scikit-learn costs a command seconds; NaN where no positive has weight."""
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores = scores[order]
-    last_of_threshold = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
-    weights = np.asarray(weights, np.float64)[:, order]
-    true_positives = np.cumsum(weights * (labels[order] == 1), axis=1)[:, last_of_threshold]
-    called = np.cumsum(weights, axis=1)[:, last_of_threshold]
-    positives = true_positives[:, -1:]
-    precision = np.nan_to_num(_ratio(true_positives, called))  # nothing called: no recall gained either
-    recall = _ratio(true_positives, positives)
-    gained = np.diff(recall, axis=1, prepend=0)
-    return np.where(positives[:, 0] > 0, (gained * precision).sum(axis=1), np.nan)
+    """Average precision under each row of weights, scikit-learn's average_precision_score
+    (equal to it to float rounding with all weights 1: tested): the sum over distinct thresholds
+    of the recall gained times the precision there, i.e. the mean over positives (weighted) of
+    the precision at the positive's own score. Each precision is two lookups in the cumulative
+    weights of the sorted positives and negatives, as in heads.metrics.weighted_auc; computed
+    here because importing scikit-learn costs a command seconds. NaN where no positive has weight."""
+    positive_rows, negative_rows = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    positive_rows = positive_rows[np.argsort(scores[positive_rows], kind="stable")]
+    negative_rows = negative_rows[np.argsort(scores[negative_rows], kind="stable")]
+    positive_scores = scores[positive_rows]
+    positive_weights = weights[:, positive_rows]
+    true_positives = _weight_at_or_above(positive_weights, positive_scores, positive_scores)
+    false_positives = _weight_at_or_above(weights[:, negative_rows], scores[negative_rows], positive_scores)
+    precision = np.nan_to_num(_ratio(true_positives, true_positives + false_positives))  # weight 0 there anyway
+    positives = positive_weights.sum(axis=1, dtype=np.float64)
+    return _ratio((positive_weights * precision).sum(axis=1, dtype=np.float64), positives)
+
+
+def _weight_at_or_above(sorted_weights, sorted_scores, at) -> np.ndarray:
+    """(B, len(at)): the weight of the rows scoring >= each of `at` (rows sorted by score)."""
+    cumulative = np.zeros((len(sorted_weights), sorted_weights.shape[1] + 1), np.float64)
+    np.cumsum(sorted_weights, axis=1, out=cumulative[:, 1:])
+    return cumulative[:, -1:] - cumulative[:, np.searchsorted(sorted_scores, at, side="left")]
 
 
 def calibration_bins(scores, *, n_bins: int = ECE_BINS) -> np.ndarray:
@@ -150,9 +158,8 @@ def weighted_ece(labels, scores, weights, *, n_bins: int = ECE_BINS) -> np.ndarr
     """Expected calibration error under each row of weights: over the uniform bins, the share of
     rows in the bin times |mean predicted probability - fraction positive| there."""
     one_hot = np.eye(n_bins)[calibration_bins(scores, n_bins=n_bins)]
-    weights = np.asarray(weights, np.float64)
-    gap = weights @ (one_hot * (scores - labels)[:, None])
-    return _ratio(np.abs(gap).sum(axis=1), weights.sum(axis=1))
+    gap = weights @ (one_hot * (scores - labels)[:, None]).astype(weights.dtype)
+    return _ratio(np.abs(gap).sum(axis=1, dtype=np.float64), weights.sum(axis=1, dtype=np.float64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +175,8 @@ def resample_per_class(statistic, labels, scores, patient_ids, *, columns, n_res
     resampled = {c: {name: np.empty(n_resamples) for name in point[c]} for c in columns}
     for batch, weights in patient_resamples(patient_ids, n_resamples=n_resamples, seed=seed):
         for c in columns:
-            for name, values in statistic(c, labels[rows[c], c], scores[rows[c], c], weights[:, rows[c]]).items():
+            class_weights = weights if len(rows[c]) == len(labels) else weights[:, rows[c]]
+            for name, values in statistic(c, labels[rows[c], c], scores[rows[c], c], class_weights).items():
                 resampled[c][name][batch] = values
     return {c: {name: (float(point[c][name][0]), resampled[c][name]) for name in point[c]} for c in columns}
 
@@ -273,8 +281,7 @@ def write_operating_report(out_dir, *, classes, val, test, metadata_test=None, b
     precision = average_precision(labels, scores, test.patient_ids, **common)
     calibrated = calibration(labels, scores, test.patient_ids, n_bins=n_bins, **common)
     table = operating_table(classes, points, precision, calibrated)
-    exact_thresholds = table.assign(threshold=[_exact(t) for t in table["threshold"]])
-    exact_thresholds.to_csv(out_dir / "operating_points.csv", index=False, float_format="%.6g")
+    with_exact_thresholds(table).to_csv(out_dir / "operating_points.csv", index=False, float_format="%.6g")
     calibration_table(classes, calibrated).to_csv(out_dir / "calibration.csv", index=False, float_format="%.6g")
     plot_reliability(out_dir / "reliability.png", classes=classes, calibrated=calibrated, labels=labels, n_bins=n_bins)
     summary = {"thresholds": record, "bootstrap": {"resamples": n_resamples, "unit": "patient", "seed": seed},
@@ -317,9 +324,10 @@ def operating_table(classes, points, precision, calibrated) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _exact(threshold) -> str:
-    # every digit, so the CSV's threshold calls the same rows as thresholds.json's
-    return "" if threshold is None or np.isnan(threshold) else repr(float(threshold))
+def with_exact_thresholds(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with its threshold column written with every digit (the other figures get 6):
+    a CSV's threshold must call the same rows as thresholds.json's."""
+    return table.assign(threshold=["" if t is None or np.isnan(t) else repr(float(t)) for t in table["threshold"]])
 
 
 def _put(row: dict, name: str, value, ci) -> None:
