@@ -245,7 +245,8 @@ def calibration(labels, scores, patient_ids, *, n_bins: int = ECE_BINS, n_resamp
         lambda c, y, s, w: {"ece": weighted_ece(y, s, w, n_bins=n_bins)},
         labels, scores, patient_ids, columns=columns, n_resamples=n_resamples, seed=seed)
     return [{"n_rows": int(known_rows(labels[:, c]).sum()),
-             **(_figures(per_class, c, ["ece"], level=level) if c in per_class else {"ece": None, "ece_ci": [np.nan] * 2}),
+             **(_figures(per_class, c, ["ece"], level=level) if c in per_class
+                else {"ece": None, "ece_ci": [np.nan, np.nan]}),
              "curve": reliability_curve(labels[:, c], scores[:, c], n_bins=n_bins) if c in per_class else None}
             for c in range(labels.shape[1])]
 
@@ -268,8 +269,10 @@ def write_operating_report(out_dir, *, classes, val, test, metadata_test=None, b
         subgroups.csv, subgroups.md, subgroup_gaps.csv, subgroup_rows.csv   (when `by` is given)
 
     Every figure is recomputable from predictions_val/test.csv and thresholds.json (tested)."""
-    from heads.subgroups import write_subgroup_report  # it builds on this module
+    from heads.subgroups import check_request, write_subgroup_report  # it builds on this module
 
+    if by:
+        check_request(metadata_test, by)  # before anything is written
     out_dir = Path(out_dir)
     val_labels = as_numpy(val.labels)
     thresholds = choose_thresholds(val_labels, saved_precision(val.scores), sensitivity=sensitivity)
@@ -306,8 +309,7 @@ def thresholds_record(classes, thresholds, val_labels, *, sensitivity) -> dict:
                     "read as float32, as predictions_*.csv hold them)",
             "thresholds": dict(zip(classes, thresholds)),
             "not_scorable_on_val": [name for name, t in zip(classes, thresholds) if t is None],
-            "val_counts": {name: {"n_pos": int((val_labels[:, c] == 1).sum()), "n_neg": int((val_labels[:, c] == 0).sum())}
-                           for c, name in enumerate(classes)}}
+            "val_counts": {name: _counts(val_labels, c) for c, name in enumerate(classes)}}
 
 
 def operating_table(classes, points, precision, calibrated) -> pd.DataFrame:

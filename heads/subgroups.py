@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from heads.metrics import weighted_auc
-from heads.operating import as_numpy, interval, resample_per_class, saved_precision, weighted_rates, with_exact_thresholds
+from heads.operating import (as_numpy, interval, resample_per_class, saved_precision, weighted_rates,
+                             with_exact_thresholds)
 
 ATTRIBUTES = ("sex", "age", "view")
 # Age bands in years, [low, high): children apart (pediatric films, anatomy and protocols
@@ -48,17 +49,19 @@ def parse_by(text: str) -> tuple:
     return names
 
 
-def age_band(age: float) -> str:
-    """The AGE_BANDS label of an age in years; "" when missing (NaN or negative)."""
-    if not np.isfinite(age) or age < 0:
-        return ""
-    return next(label for low, high, label in AGE_BANDS if low <= age < high)
+def age_bands(ages) -> np.ndarray:
+    """The AGE_BANDS label of each age in years; "" where missing (NaN or negative)."""
+    ages = np.asarray(ages, dtype=np.float64)
+    lows = np.array([low for low, _, _ in AGE_BANDS])
+    labels = np.array([label for _, _, label in AGE_BANDS] + [""], dtype=object)
+    band = np.searchsorted(lows, ages, side="right") - 1  # the last band whose low end is <= the age
+    return labels[np.where(np.isfinite(ages) & (ages >= 0), band, -1)]
 
 
 def group_values(metadata: dict, attribute: str) -> np.ndarray:
     """Each row's group for `attribute` ("" = missing), in the row order of `metadata`."""
     if attribute == "age":
-        return np.array([age_band(float(age)) for age in metadata["age"]], dtype=object)
+        return age_bands(metadata["age"])
     return np.array([str(value).strip() for value in metadata[attribute]], dtype=object)
 
 
@@ -156,6 +159,15 @@ def subgroup_difference(labels, scores, patient_ids, in_a, in_b, *, n_resamples:
 # The report
 
 
+def check_request(metadata, by) -> None:
+    """ValueError unless `by` names known attributes and `metadata` holds them (a version-2
+    cache's read_metadata; a version-1 cache has none)."""
+    unknown = [name for name in by if name not in ATTRIBUTES]
+    if metadata is None or unknown:
+        raise ValueError(f"subgroups need the cache's per-row metadata (a version-2 cache) and attributes among "
+                         f"{', '.join(ATTRIBUTES)}; got {'no metadata' if metadata is None else unknown}")
+
+
 def write_subgroup_report(out_dir, *, classes, test, metadata, by, thresholds, n_resamples: int = 1000,
                           seed: int = 0) -> dict:
     """subgroups.csv (per attribute, group and class; a `mean` row per group), subgroup_gaps.csv
@@ -163,10 +175,7 @@ def write_subgroup_report(out_dir, *, classes, test, metadata, by, thresholds, n
     groups, to recompute everything from predictions_test.csv) and subgroups.md; returns the
     summary for metrics.json. Group k of attribute i (in the CSV's order) is resampled from
     numpy SeedSequence((seed, i)).spawn(number of groups)[k]."""
-    unknown = [name for name in by if name not in ATTRIBUTES]
-    if metadata is None or unknown:
-        raise ValueError(f"subgroups need the cache's per-row metadata (a version-2 cache) and attributes among "
-                         f"{', '.join(ATTRIBUTES)}; got {'no metadata' if metadata is None else unknown}")
+    check_request(metadata, by)
     out_dir = Path(out_dir)
     labels, scores, patient_ids = as_numpy(test.labels), saved_precision(test.scores), np.asarray(test.patient_ids)
     groups = subgroups(metadata, by)
@@ -186,7 +195,8 @@ def write_subgroup_report(out_dir, *, classes, test, metadata, by, thresholds, n
     gap_table.to_csv(out_dir / "subgroup_gaps.csv", index=False, float_format="%.6g")
     _row_groups(test, metadata, by).to_csv(out_dir / "subgroup_rows.csv", index=False)
     missing = {attribute: groups[attribute]["missing"] for attribute in by}
-    (out_dir / "subgroups.md").write_text(subgroups_markdown(table, gap_table, missing=missing, n_resamples=n_resamples))
+    markdown = subgroups_markdown(table, gap_table, missing=missing, n_resamples=n_resamples)
+    (out_dir / "subgroups.md").write_text(markdown)
     flagged = gap_table[gap_table["gap"]]
     return {"by": list(by), "missing": missing, "threshold_from": "the whole validation split, one per class",
             "test": TEST_NAME, "comparisons": len(gap_table), "age_bands": [label for _, _, label in AGE_BANDS],
@@ -259,22 +269,25 @@ def subgroups_markdown(table: pd.DataFrame, gaps: pd.DataFrame, *, missing: dict
              f"{len(gaps)} comparisons (at 95%, about 1 in 20 is flagged by chance where there is no gap).", ""]
     for attribute, block in table.groupby("attribute", sort=False):
         lines += [f"## {attribute} (missing: {missing[attribute]} rows, in no group)", "",
-                  "| group | rows | patients | mean AUC [95% CI] | classes in mean | mean AUC - largest group [95% CI] |",
+                  "| group | rows | patients | mean AUC [95% CI] | classes in mean "
+                  "| mean AUC - largest group [95% CI] |",
                   "|---|---|---|---|---|---|"]
         for name, group in block.groupby("group", sort=False):
             mean = group[group["class"] == "mean"].iloc[0]
             per_class = group[group["class"] != "mean"]
             gap = gaps[(gaps["attribute"] == attribute) & (gaps["group"] == name) & (gaps["class"] == "mean")]
+            is_reference = (gaps[gaps["attribute"] == attribute]["reference"] == name).any()
             versus = (f"{gap['difference'].iloc[0]:+.3f} [{gap['ci_low'].iloc[0]:+.3f}, {gap['ci_high'].iloc[0]:+.3f}]"
-                      if len(gap) else "reference" if (gaps[gaps["attribute"] == attribute]["reference"] == name).any() else "")
+                      if len(gap) else "reference" if is_reference else "")
             lines.append(f"| {name} | {mean['n_rows']} | {mean['n_patients']} | {_with_ci(mean, 'auc')} | "
                          f"{int(per_class['scorable'].sum())} of {len(per_class)} | {versus} |")
         names = list(dict.fromkeys(block["group"]))
         lines += ["", "AUC / FNR at the validation threshold (n+), per class:", "",
                   "| class | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for class_name, rows in block[block["class"] != "mean"].groupby("class", sort=False):
-            cells = [_auc_fnr(rows[rows["group"] == name].iloc[0]) for name in names]
-            lines.append(f"| {class_name} | " + " | ".join(cells) + " |")
+        cells = {(row["class"], row["group"]): _auc_fnr(row) for row in block.to_dict(orient="records")
+                 if row["class"] != "mean"}
+        for class_name in dict.fromkeys(block.loc[block["class"] != "mean", "class"]):
+            lines.append(f"| {class_name} | " + " | ".join(cells[class_name, name] for name in names) + " |")
         lines.append("")
     flagged = gaps[gaps["gap"]]
     lines += ["## Gaps flagged (interval of the AUC difference excludes 0)", ""]

@@ -14,7 +14,7 @@ import cache
 from cache.store import create_cache
 from cache.synthetic import known_auc
 from heads.operating import write_operating_report
-from heads.subgroups import age_band, parse_by, subgroup_difference, subgroups
+from heads.subgroups import age_bands, parse_by, subgroup_difference, subgroups
 
 CLASSES = ["Effusion", "Nodule", "Hernia"]
 SEPARATION = 1.5
@@ -79,9 +79,8 @@ def run(tmp_path_factory):
 
 
 def test_age_bands_have_closed_lower_ends_and_missing_ages_form_no_band():
-    assert [age_band(a) for a in (0, 17.99, 18, 39.5, 40, 79.9, 80, 104)] == [
-        "0-17", "0-17", "18-39", "18-39", "40-59", "60-79", "80+", "80+"]
-    assert age_band(float("nan")) == "" and age_band(-1) == ""
+    ages = [0, 17.99, 18, 39.5, 40, 79.9, 80, 104, float("nan"), -1]
+    assert list(age_bands(ages)) == ["0-17", "0-17", "18-39", "18-39", "40-59", "60-79", "80+", "80+", "", ""]
 
 
 def test_groups_come_from_the_cache_metadata_and_missing_values_are_counted(run):
@@ -169,5 +168,8 @@ def test_by_names_known_attributes_and_needs_metadata(run, tmp_path):
     assert parse_by("age, sex,age") == ("age", "sex")
     with pytest.raises(argparse.ArgumentTypeError, match="sex, age, view"):
         parse_by("sex,height")
-    with pytest.raises(ValueError, match="metadata"):
-        write_operating_report(tmp_path, classes=CLASSES, val=run.test, test=run.test, by=("sex",), n_resamples=10)
+    for metadata, by in ((None, ("sex",)), (run.metadata, ("sex", "height"))):
+        with pytest.raises(ValueError, match="metadata"):
+            write_operating_report(tmp_path, classes=CLASSES, val=run.test, test=run.test, metadata_test=metadata,
+                                   by=by, n_resamples=10)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
