@@ -170,6 +170,8 @@ def resample_per_class(statistic, labels, scores, patient_ids, *, columns, n_res
     """For each class index in `columns`, `statistic(c, labels, scores, weights)` (a dict of (B,)
     arrays) on that class's known rows: {c: {name: (value on all rows, (n_resamples,) array)}}.
     All classes see the same patient resamples (`seed` an int or numpy SeedSequence)."""
+    if not columns:
+        return {}
     rows = {c: np.flatnonzero(known_rows(labels[:, c])) for c in columns}
     point = {c: statistic(c, labels[rows[c], c], scores[rows[c], c], np.ones((1, len(rows[c])))) for c in columns}
     resampled = {c: {name: np.empty(n_resamples) for name in point[c]} for c in columns}
@@ -272,7 +274,7 @@ def write_operating_report(out_dir, *, classes, val, test, metadata_test=None, b
     from heads.subgroups import check_request, write_subgroup_report  # it builds on this module
 
     if by:
-        check_request(metadata_test, by)  # before anything is written
+        check_request(metadata_test, by, n_rows=len(test.patient_ids))  # before anything is written
     out_dir = Path(out_dir)
     val_labels = as_numpy(val.labels)
     thresholds = choose_thresholds(val_labels, saved_precision(val.scores), sensitivity=sensitivity)

@@ -159,13 +159,17 @@ def subgroup_difference(labels, scores, patient_ids, in_a, in_b, *, n_resamples:
 # The report
 
 
-def check_request(metadata, by) -> None:
-    """ValueError unless `by` names known attributes and `metadata` holds them (a version-2
-    cache's read_metadata; a version-1 cache has none)."""
+def check_request(metadata, by, *, n_rows: int) -> None:
+    """ValueError unless `by` names known attributes and `metadata` holds them for `n_rows` rows
+    (a version-2 cache's read_metadata, cut to the scored rows; a version-1 cache has none)."""
     unknown = [name for name in by if name not in ATTRIBUTES]
     if metadata is None or unknown:
         raise ValueError(f"subgroups need the cache's per-row metadata (a version-2 cache) and attributes among "
                          f"{', '.join(ATTRIBUTES)}; got {'no metadata' if metadata is None else unknown}")
+    lengths = {name: len(metadata[name]) for name in by if name in metadata}
+    if len(lengths) < len(by) or set(lengths.values()) != {n_rows}:
+        raise ValueError(f"the metadata given for subgroups has {lengths} rows per attribute; the scored split has "
+                         f"{n_rows} (pass read_metadata's arrays cut to the split's rows, in its order)")
 
 
 def write_subgroup_report(out_dir, *, classes, test, metadata, by, thresholds, n_resamples: int = 1000,
@@ -175,7 +179,7 @@ def write_subgroup_report(out_dir, *, classes, test, metadata, by, thresholds, n
     groups, to recompute everything from predictions_test.csv) and subgroups.md; returns the
     summary for metrics.json. Group k of attribute i (in the CSV's order) is resampled from
     numpy SeedSequence((seed, i)).spawn(number of groups)[k]."""
-    check_request(metadata, by)
+    check_request(metadata, by, n_rows=len(test.patient_ids))
     out_dir = Path(out_dir)
     labels, scores, patient_ids = as_numpy(test.labels), saved_precision(test.scores), np.asarray(test.patient_ids)
     groups = subgroups(metadata, by)

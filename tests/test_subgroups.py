@@ -168,7 +168,8 @@ def test_by_names_known_attributes_and_needs_metadata(run, tmp_path):
     assert parse_by("age, sex,age") == ("age", "sex")
     with pytest.raises(argparse.ArgumentTypeError, match="sex, age, view"):
         parse_by("sex,height")
-    for metadata, by in ((None, ("sex",)), (run.metadata, ("sex", "height"))):
+    whole_cache = {name: np.concatenate([values, values[:5]]) for name, values in run.metadata.items()}
+    for metadata, by in ((None, ("sex",)), (run.metadata, ("sex", "height")), (whole_cache, ("age",))):
         with pytest.raises(ValueError, match="metadata"):
             write_operating_report(tmp_path, classes=CLASSES, val=run.test, test=run.test, metadata_test=metadata,
                                    by=by, n_resamples=10)
