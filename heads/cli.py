@@ -29,6 +29,30 @@ def add_io_args(parser, *, out_help: str, overwrite: bool = True, multi_cache: b
                         help=f"patient resamples for the test CIs (allowed {BOOTSTRAP_VALID.describe()})")
 
 
+def add_operating_args(parser) -> None:
+    """--sensitivity and --by: how each class's threshold is chosen on validation, and the test
+    subgroups reported (heads/operating.py, heads/subgroups.py)."""
+    from heads.operating import SENSITIVITY_VALID
+    from heads.subgroups import ATTRIBUTES, parse_by
+
+    parser.add_argument("--sensitivity", type=number_type(float, SENSITIVITY_VALID), default=None,
+                        help="choose each class's threshold on validation as the highest that reaches this "
+                             f"sensitivity (allowed {SENSITIVITY_VALID.describe()}; default: Youden's J)")
+    parser.add_argument("--by", type=parse_by, default=(),
+                        help=f"report test AUC and false negative rate per subgroup of any of {','.join(ATTRIBUTES)} "
+                             "(from the cache's per-row metadata), e.g. --by sex,age")
+
+
+def check_subgroups(data, by) -> None:
+    """--by needs the cache's per-row metadata: refused in one line before any training."""
+    from heads.data import HeadsError
+
+    if by and data.test.metadata is None:
+        where = " + ".join(entry["name"] for entry in data.caches)
+        raise HeadsError(f"{where}: --by {','.join(by)} needs per-row sex, age and view, which this cache does not "
+                         f"hold; re-extract it with this version of the kit, or leave out --by")
+
+
 def cache_paths(args) -> list:
     """The --cache values as a list (the default cache when none was given)."""
     if args.cache is None:

@@ -23,7 +23,9 @@ import cache
 from cache.schema import SPLITS, TRAIN
 from cache.vocabulary import shared_name
 from heads.data import (HeadData, HeadsError, Split, _check_val_scorable, _Moments, _RowPlan, _split_rows,
-                        standardized, float_labels, TRAIN_ORDER_SEED)
+                        TRAIN_ORDER_SEED, float_labels, standardized)
+from heads.external import dataset_of, recipe_differences
+
 
 def load_pooled_data(cache_paths, *, device="cpu", dtype=np.float16) -> HeadData:
     """Read several datasets' caches as one HeadData whose splits are the union of theirs, in
@@ -46,7 +48,8 @@ def load_pooled_data(cache_paths, *, device="cpu", dtype=np.float16) -> HeadData
     classes = _union_classes(names, attrs_list)
     rows = [_split_rows(table, table["done"], [path])[0] for table, path in zip(tables, paths)]
     mean, std = _pooled_moments(paths, tables, rows, int(attrs_list[0]["feature_dim"]))
-    splits = {split: _pooled_split(split, paths, tables, rows, names, attrs_list, classes, mean, std,
+    metadata = [cache.read_metadata(path) for path in paths]
+    splits = {split: _pooled_split(split, paths, tables, rows, names, attrs_list, classes, mean, std, metadata,
                                    dtype=dtype, device=device) for split in SPLITS}
     _check_val_scorable(splits["val"], paths)
     excluded = {split: int(sum(((t["split"] == split) & ~t["done"]).sum() for t in tables)) for split in SPLITS}
@@ -89,9 +92,10 @@ def _pooled_moments(paths, tables, rows, dim) -> tuple[np.ndarray, np.ndarray]:
     return moments.mean_std()
 
 
-def _pooled_split(split, paths, tables, rows, names, attrs_list, classes, mean, std, *, dtype, device) -> Split:
-    parts = {"features": [], "labels": [], "image_ids": [], "patient_ids": [], "source": []}
-    for path, table, split_rows, name, attrs in zip(paths, tables, rows, names, attrs_list):
+def _pooled_split(split, paths, tables, rows, names, attrs_list, classes, mean, std, metadata, *, dtype,
+                  device) -> Split:
+    parts = {"features": [], "labels": [], "image_ids": [], "patient_ids": [], "source": [], "metadata": []}
+    for path, table, split_rows, name, attrs, meta in zip(paths, tables, rows, names, attrs_list, metadata):
         chosen = np.sort(split_rows[split])
         plan = _RowPlan({s: (chosen if s == split else np.empty(0, int)) for s in SPLITS})
         matrix = np.empty((len(chosen), len(mean)), dtype)
@@ -102,12 +106,16 @@ def _pooled_split(split, paths, tables, rows, names, attrs_list, classes, mean, 
         parts["image_ids"].append(np.asarray([f"{name}:{i}" for i in table["image_id"][chosen]], dtype=object))
         parts["patient_ids"].append(np.asarray([f"{name}:{p}" for p in table["patient_id"][chosen]], dtype=object))
         parts["source"].append(np.full(len(chosen), name, dtype=object))
+        parts["metadata"].append(None if meta is None else {key: values[chosen] for key, values in meta.items()})
     features = np.concatenate(parts["features"])
     labels = np.concatenate(parts["labels"])
     # train rows in a seeded random order, as heads.data holds them (a batch is a contiguous slice)
     order = (np.random.default_rng(TRAIN_ORDER_SEED).permutation(len(features)) if split == TRAIN
              else np.arange(len(features)))
-    return Split(name=split, image_ids=np.concatenate(parts["image_ids"])[order],
+    # subgroups of a pooled split need every dataset's metadata
+    pooled_metadata = (None if any(m is None for m in parts["metadata"]) else
+                       {key: np.concatenate([m[key] for m in parts["metadata"]])[order] for key in parts["metadata"][0]})
+    return Split(name=split, metadata=pooled_metadata, image_ids=np.concatenate(parts["image_ids"])[order],
                  patient_ids=np.concatenate(parts["patient_ids"])[order],
                  features=torch.from_numpy(features[order]).to(device),
                  labels=torch.from_numpy(labels[order]).to(device), source=np.concatenate(parts["source"])[order])

@@ -16,7 +16,7 @@ from cache.flags import OneLineParser
 from cache.outdir import check_out_dir
 from cache.runtime import DeviceUnavailable, resolve_device
 from heads import settings as head_settings
-from heads.cli import add_io_args, add_name_arg, cache_paths
+from heads.cli import add_io_args, add_name_arg, add_operating_args, cache_paths, check_subgroups
 from heads.data import HeadsError, load_head_data
 from heads.estimator import Head, HeadGrid
 from heads.pool import load_pooled_data
@@ -31,6 +31,7 @@ def get_args_parser(add_help=True, description="Train a multi-label head on the 
                         help="train on the union of the rows of the --cache files (several datasets, one encoder; "
                              "each keeps its splits, test is also reported per dataset) instead of joining caches "
                              "of the same images side by side")
+    add_operating_args(parser)
     head_settings.add_setting_args(parser, grid=True)
     return parser
 
@@ -43,9 +44,10 @@ def main(args) -> int:
         device = resolve_device(args.device)
         paths = cache_paths(args)
         data = load_pooled_data(paths, device=device) if args.pool else load_head_data(paths, device=device)
+        check_subgroups(data, args.by)
         estimator = Head(grid[0], device=device) if len(grid) == 1 else HeadGrid(grid, device=device)
         fit_and_report(estimator, cache_path=paths, data=data, out=out, device=device, overwrite=args.overwrite,
-                       n_bootstrap=args.bootstrap, name=args.name)
+                       n_bootstrap=args.bootstrap, name=args.name, by=args.by, sensitivity=args.sensitivity)
     except (cache.CacheError, HeadsError, FileExistsError, DeviceUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

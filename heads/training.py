@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -17,6 +18,7 @@ from heads.data import HeadData, classes_without_train_positive, load_head_data,
 from heads.estimator import Head
 from heads.fit import predict_proba, resolve_precision
 from heads.model import WEIGHTING_FORMULA
+from heads.operating import write_operating_report
 from heads.report import format_table, per_class_table, score_run, write_run
 
 
@@ -31,10 +33,12 @@ def train_and_report(*, cache_path, settings: dict, out, device, overwrite=False
 
 def fit_and_report(estimator, *, cache_path, out, device, overwrite=False, n_bootstrap=1000,
                    data: HeadData | None = None, name: str | None = None, extra_config: dict | None = None,
-                   quiet=False):
+                   quiet=False, by=(), sensitivity: float | None = None):
     """Fit `estimator` (heads.estimator) on train/val, score val and test once, write the run
     directory under `<out>.partial` and move it into place; returns (run dir, metrics). `name`,
-    the run's short name (None: unnamed), is recorded in config.json for heads.compare and heads.runs."""
+    the run's short name (None: unnamed), is recorded in config.json for heads.compare and heads.runs.
+    Thresholds are chosen on validation (Youden's J, or the highest reaching `sensitivity`) and
+    test is scored at them; `by` adds the test subgroups (heads/operating.py, heads/subgroups.py)."""
     data = data or load_head_data(cache_path, device=device)
     partial = prepare_out_dir(out, kind="run", overwrite=overwrite)
     if not quiet:
@@ -49,6 +53,10 @@ def fit_and_report(estimator, *, cache_path, out, device, overwrite=False, n_boo
                "rows_not_done": data.excluded}
         metrics = score_run(classes=data.classes, val=data.val, val_scores=val_scores, test=data.test,
                             test_scores=test_scores, fit=fit, n_bootstrap=n_bootstrap, seed=settings["seed"])
+        metrics["operating"] = write_operating_report(
+            partial, classes=data.classes, val=scored_rows(data.val, val_scores),
+            test=scored_rows(data.test, test_scores), metadata_test=data.test.metadata, by=by,
+            sensitivity=sensitivity, n_resamples=n_bootstrap, seed=settings["seed"])
         config = run_config(cache_path=cache_path, data=data, settings=settings, device=device,
                             class_weights_used=estimator.class_weights_used(), n_bootstrap=n_bootstrap,
                             extra={"model": estimator.kind, "name": name, **(extra_config or {})})
@@ -62,6 +70,12 @@ def fit_and_report(estimator, *, cache_path, out, device, overwrite=False, n_boo
     if not quiet:
         print_summary(run_dir, data=data, metrics=metrics, model=estimator.kind)
     return run_dir, metrics
+
+
+def scored_rows(split, scores) -> SimpleNamespace:
+    """A split's labels, patients and ids beside its scores, as heads.operating reads them."""
+    return SimpleNamespace(labels=split.labels.cpu().numpy(), scores=scores, patient_ids=split.patient_ids,
+                           image_ids=split.image_ids)
 
 
 def _predict(estimator, features):
@@ -96,6 +110,16 @@ def run_config(*, cache_path, data, settings, device, class_weights_used: dict, 
         "versions": versions(**{"scikit-learn": version("scikit-learn")}),
         **(extra or {}),
     }
+
+
+def operating_line(operating: dict) -> str:
+    """One line on the thresholds and where their figures are."""
+    method = operating["thresholds"].get("method", "")
+    line = (f"thresholds chosen on validation ({method}); test sensitivity, specificity, PPV, NPV, F1, PR-AUC, "
+            f"calibration: operating_points.csv, reliability.png")
+    if "subgroups" in operating:
+        line += "; subgroups: subgroups.md"
+    return line
 
 
 def _scored(classes, split_metrics: dict) -> int:
@@ -140,4 +164,5 @@ def print_summary(run_dir, *, data: HeadData, metrics: dict, model: str = "head"
               f"{metrics['train_seconds']:.1f}s")
     else:
         print(f"{model} trained in {metrics['train_seconds']:.1f}s; {val_mean}")
+    print(operating_line(metrics["operating"]))
     print(f"run directory: {run_dir}")
