@@ -18,10 +18,13 @@ from pathlib import Path
 import cache
 from cache.flags import OneLineParser, number_type
 from cache.outdir import OutDirError, check_out_dir, discard_partial, finish_out_dir, prepare_out_dir
-from heads.cli import BOOTSTRAP_VALID
-from heads.predict import say_warnings
+from heads.cli import BOOTSTRAP_VALID, add_operating_args
+from heads.data import HeadsError, is_official_nih_test
+from heads.expert import expert_reference, load_google2019
 from heads.external import (SPLIT_CHOICES, ExternalError, check_same_recipe, check_split, check_target, evaluate,
                             format_evaluation, read_source_run, read_target, write_evaluation)
+from heads.predict import say_warnings
+from heads.report import write_json
 
 KIND = "evaluation"
 
@@ -37,9 +40,40 @@ def get_args_parser(add_help=True):
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
     parser.add_argument("--bootstrap", type=number_type(int, BOOTSTRAP_VALID), default=1000,
                         help=f"patient resamples for the CIs (default: 1000; allowed {BOOTSTRAP_VALID.describe()})")
-    # Google's expert labels on NIH (--labels google2019, heads/expert.py) replace the target's labels in
-    # heads.external.read_target; --by sex,age,view and operating points plug in at write_evaluation
+    parser.add_argument("--labels", default="cache", choices=("cache", "google2019"),
+                        help="score against the cache's labels (default), or, on an NIH cache, also against "
+                             "Google's expert labels of its official test images (docs/expert.md)")
+    parser.add_argument("--labels-csv", default=None, metavar="FILE",
+                        help="the google2019 labels file (default: the copy torchxrayvision ships)")
+    add_operating_args(parser)
     return parser
+
+
+def check_request(args, target) -> None:
+    """What --by and --labels need of the target, refused before any scoring."""
+    if args.by and target.metadata is None:
+        raise ExternalError(f"{args.cache}: --by {','.join(args.by)} needs per-row sex, age and view, which this "
+                            f"cache does not hold; re-extract it with this version of the kit, or leave out --by")
+    if args.labels == "google2019" and (target.dataset != "nih" or args.split != "test"):
+        raise ExternalError(f"--labels google2019 scores NIH's official test images: give an NIH cache "
+                            f"({args.cache} is {target.dataset}) and --split test")
+    if args.labels_csv and args.labels != "google2019":
+        raise ExternalError("--labels-csv names the google2019 file: give it with --labels google2019")
+
+
+def write_expert_reference(partial: Path, evaluation, experts, args):
+    """expert.md, expert.json and expert_rows.csv: the run's AUC against the expert labels beside
+    its AUC against the NLP labels, on the official test images both the file and the cache hold."""
+    table = cache.read_table(args.cache)
+    reference = expert_reference(
+        experts, image_ids=evaluation.target.image_ids, patient_ids=evaluation.target.patient_ids, splits="test",
+        classes=evaluation.classes, scores=evaluation.scores, nlp_labels=evaluation.labels,
+        cache_test_is_official=is_official_nih_test(table["image_id"][table["split"] == "test"]),
+        n_resamples=args.bootstrap)
+    (partial / "expert.md").write_text(reference.markdown(), encoding="utf-8")
+    write_json(partial / "expert.json", reference.to_dict())
+    reference.rows.to_csv(partial / "expert_rows.csv", index=False, float_format="%.9g")
+    return reference
 
 
 def main(args) -> int:
@@ -51,14 +85,18 @@ def main(args) -> int:
         attrs = check_target(args.cache)
         check_same_recipe(run, attrs, args.cache)
         check_split(run, attrs, split=args.split)
-        evaluation = evaluate(run, read_target(args.cache, split=args.split), n_bootstrap=args.bootstrap)
+        target = read_target(args.cache, split=args.split)
+        check_request(args, target)
+        experts = load_google2019(args.labels_csv) if args.labels == "google2019" else None
+        evaluation = evaluate(run, target, n_bootstrap=args.bootstrap)
         partial = prepare_out_dir(out, kind=KIND, overwrite=args.overwrite)
-    except (ExternalError, cache.CacheError, OutDirError) as err:
+    except (ExternalError, HeadsError, cache.CacheError, OutDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     say_warnings(run.config, [run.recipe], notes=[])  # random encoder weights, classes the run never learned
     try:
-        write_evaluation(partial, evaluation)
+        write_evaluation(partial, evaluation, by=args.by, sensitivity=args.sensitivity, n_bootstrap=args.bootstrap)
+        reference = None if experts is None else write_expert_reference(partial, evaluation, experts, args)
         finish_out_dir(partial, out, kind=KIND)
     except OutDirError as err:  # --out changed while the evaluation was written: the work is kept in partial
         print(f"error: {err}", file=sys.stderr)
@@ -67,6 +105,9 @@ def main(args) -> int:
         discard_partial(partial, kind=KIND)
         raise
     print(format_evaluation(evaluation))
+    if reference is not None:
+        print(f"\nagainst Google's expert labels ({reference.labels_file}), official NIH test images only:\n")
+        print(reference.markdown())
     print(f"evaluation: {out} (metrics.json, predictions_test.csv, roc_curves.png; heads.compare reads it as a run)")
     return 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from cache.vocabulary import mapping
 from heads.data import Split, standardized
 from heads.fit import predict_proba
 from heads.metrics import auc_per_class, bootstrap_auc, confidence_intervals, mean_auc, plot_roc_curves
+from heads.operating import write_operating_report
 from heads.predict import PredictError, read_checkpoint, read_run
 from heads.report import write_json, write_predictions
 
@@ -126,7 +128,7 @@ def read_source_run(run_dir, *, device="cpu") -> SourceRun:
         head, checkpoint = read_checkpoint(run_dir / "head.pt", device=device)
     except PredictError as err:
         raise ExternalError(str(err)) from None
-    if len(recipes) > 1:
+    if len(recipes) > 1 and "pooled" not in config:  # a pooled run's caches share one recipe
         raise ExternalError(f"{run_dir} joins {len(recipes)} caches side by side; heads.evaluate scores a run on "
                             f"one cache: evaluate a run trained on one cache")
     if checkpoint["in_dim"] != recipes[0]["feature_dim"] or \
@@ -218,9 +220,9 @@ def read_target(path, *, split: str) -> Target:
 def head_probabilities(run: SourceRun, features: np.ndarray) -> np.ndarray:
     """(n, C) probabilities of the run's head: the run's train standardisation, then float16 as
     the head's own test features were held (heads.data), so its own cache gives its own numbers."""
-    standardized = standardized(features.copy(), run.checkpoint["feature_mean"].cpu().numpy(),
-                                 run.checkpoint["feature_std"].cpu().numpy())
-    return predict_proba(run.head, torch.from_numpy(standardized.astype(np.float16)))
+    features = standardized(features.copy(), run.checkpoint["feature_mean"].cpu().numpy(),
+                            run.checkpoint["feature_std"].cpu().numpy())
+    return predict_proba(run.head, torch.from_numpy(features.astype(np.float16)))
 
 
 def score_known(labels: np.ndarray, scores: np.ndarray, patient_ids, *, n_bootstrap: int, seed: int) -> dict:
@@ -320,23 +322,44 @@ def evaluation_config(evaluation: Evaluation, *, run_path=None) -> dict:
     }
 
 
-def write_evaluation(partial: Path, evaluation: Evaluation, *, run_path=None) -> None:
-    """Every file of an evaluation folder into `partial` (nothing computed here but the plot).
-    `run_path`: where the source run will be (heads.transfer builds it aside, then renames)."""
+def write_evaluation(partial: Path, evaluation: Evaluation, *, run_path=None, by=(), sensitivity=None,
+                     n_bootstrap: int = 1000) -> None:
+    """Every file of an evaluation folder into `partial`: the AUCs computed by `evaluate`, the
+    operating points at thresholds chosen on the SOURCE run's validation predictions (the target
+    has no say in any choice), `by` subgroups of the target rows, and the ROC plot. `run_path`:
+    where the source run will be (heads.transfer builds it aside, then renames)."""
     metrics = dict(evaluation.metrics)
+    metrics["operating"] = write_operating_report(
+        partial, classes=evaluation.classes, val=source_validation(evaluation),
+        test=SimpleNamespace(labels=evaluation.labels, scores=evaluation.scores,
+                             patient_ids=evaluation.target.patient_ids, image_ids=evaluation.target.image_ids),
+        metadata_test=evaluation.target.metadata, by=by, sensitivity=sensitivity, n_resamples=n_bootstrap,
+        seed=BOOTSTRAP_SEED)
     metrics["source_run"] = dict(metrics["source_run"], path=str(Path(run_path or evaluation.run.path).resolve()))
     write_json(partial / "config.json", evaluation_config(evaluation, run_path=run_path))
     write_json(partial / "metrics.json", metrics)
     rows = Split(name="test", image_ids=evaluation.target.image_ids, patient_ids=evaluation.target.patient_ids,
                  features=torch.empty(0), labels=torch.from_numpy(evaluation.labels))
     write_predictions(partial / "predictions_test.csv", rows, evaluation.scores, evaluation.classes)
-    # subgroups and operating points (heads/operating.py write_operating_report) go here: thresholds
-    # from the source run's predictions_val.csv, target.metadata for --by sex,age,view
     test = metrics["test"]
     plot_roc_curves(partial / "roc_curves.png", labels=evaluation.labels, scores=evaluation.scores,
                     classes=[evaluation.pair_text(p) for p in evaluation.pairs],
                     aucs=[test["auc"][c] for c in evaluation.classes], ci=test["ci95"]["per_class"],
                     title=figure_title(evaluation), marks=figure_marks(evaluation))
+
+
+def source_validation(evaluation: Evaluation) -> SimpleNamespace:
+    """The source run's validation labels and scores of the evaluated classes (its
+    predictions_val.csv), where each class's threshold is chosen."""
+    from heads.comparison import CompareError, labels_and_scores, read_predictions
+
+    path = evaluation.run.path / "predictions_val.csv"
+    try:
+        frame, _ = read_predictions(path)
+    except CompareError as err:
+        raise ExternalError(str(err)) from None
+    labels, scores = labels_and_scores(frame, [pair.source for pair in evaluation.pairs])
+    return SimpleNamespace(labels=labels, scores=scores, patient_ids=frame["patient_id"].to_numpy())
 
 
 def figure_title(evaluation: Evaluation) -> str:

@@ -38,7 +38,7 @@ from cache.flags import OneLineParser, number_type
 from cache.outdir import OutDirError, check_out_dir, discard_partial, finish_out_dir, prepare_out_dir
 from cache.runtime import DeviceUnavailable, resolve_device, versions
 from heads import settings as head_settings
-from heads.cli import BOOTSTRAP_VALID
+from heads.cli import BOOTSTRAP_VALID, add_operating_args
 from heads.data import HeadsError, load_head_data, scoring_warnings
 from heads.estimator import Head, HeadGrid
 from heads.external import (ExternalError, check_target, class_pairs, dataset_of, dataset_title, evaluate,
@@ -64,6 +64,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--bootstrap", type=number_type(int, BOOTSTRAP_VALID), default=1000,
                         help=f"patient resamples for every CI (default: 1000; allowed {BOOTSTRAP_VALID.describe()})")
+    add_operating_args(parser)
     head_settings.add_setting_args(parser, grid=True)
     return parser
 
@@ -100,6 +101,14 @@ def check_caches(paths) -> list[Source]:
     return sources
 
 
+def check_metadata(sources: list[Source], by) -> None:
+    """--by needs every cache's per-row metadata: refused before any training."""
+    for source in sources if by else []:
+        if cache.read_metadata(source.path) is None:
+            raise ExternalError(f"--cache {source.path}: --by {','.join(by)} needs per-row sex, age and view, which "
+                                f"this cache does not hold; re-extract it with this version of the kit, or leave out --by")
+
+
 @dataclass
 class Cell:
     source: str
@@ -112,7 +121,7 @@ class Cell:
         return [row["class"] for row in self.rows if row["auc"] is not None]
 
 
-def train_source(partial: Path, source: Source, *, grid, device, n_bootstrap):
+def train_source(partial: Path, source: Source, *, grid, device, n_bootstrap, by=(), sensitivity=None):
     """The source's run directory under runs/, exactly as heads.train writes one."""
     data = load_head_data([source.path], device=device)
     for line in scoring_warnings(data):
@@ -120,13 +129,14 @@ def train_source(partial: Path, source: Source, *, grid, device, n_bootstrap):
     estimator = Head(grid[0], device=device) if len(grid) == 1 else HeadGrid(grid, device=device)
     run_dir, metrics = fit_and_report(estimator, cache_path=[source.path], data=data, device=device,
                                       out=partial / "runs" / source.name, n_bootstrap=n_bootstrap, name=source.name,
-                                      quiet=True)
+                                      quiet=True, by=by, sensitivity=sensitivity)
     print(f"{source.name}: head trained on {source.path} (validation mean AUC {metrics['val']['mean_auc']:.4f}), "
           f"test mean AUC {metrics['test']['mean_auc']:.4f}")
     return read_source_run(run_dir, device=device)
 
 
-def score_cell(partial: Path, out: Path, run, source: Source, target: Source, rows, *, n_bootstrap) -> Cell:
+def score_cell(partial: Path, out: Path, run, source: Source, target: Source, rows, *, n_bootstrap, by=(),
+               sensitivity=None) -> Cell:
     """The run scored on the target's test rows, its evaluation folder written under evaluations/;
     a cell without a class in common says so and has no folder."""
     pairs, _, _ = class_pairs(source_dataset=run.dataset, source_classes=run.classes, target_dataset=rows.dataset,
@@ -136,7 +146,8 @@ def score_cell(partial: Path, out: Path, run, source: Source, target: Source, ro
     evaluation = evaluate(run, rows, n_bootstrap=n_bootstrap)
     folder = f"evaluations/{source.name}-on-{target.name}"
     built = prepare_out_dir(partial / folder, kind="evaluation", overwrite=False)
-    write_evaluation(built, evaluation, run_path=out / "runs" / source.name)
+    write_evaluation(built, evaluation, run_path=out / "runs" / source.name, by=by, sensitivity=sensitivity,
+                     n_bootstrap=n_bootstrap)
     finish_out_dir(built, partial / folder, kind="evaluation")
     test = evaluation.metrics["test"]
     cell_rows = [{"source": source.name, "target": target.name, "class": pair.shared, "source_class": pair.source,
@@ -147,15 +158,18 @@ def score_cell(partial: Path, out: Path, run, source: Source, target: Source, ro
     return Cell(source=source.name, target=target.name, rows=cell_rows, mean_auc=mean)
 
 
-def build_matrix(partial: Path, out: Path, sources: list[Source], *, grid, device, n_bootstrap) -> dict:
-    """{(source, target): Cell} for every pair of caches, the diagonal included."""
+def build_matrix(partial: Path, out: Path, sources: list[Source], *, grid, device, n_bootstrap, by=(),
+                 sensitivity=None) -> dict:
+    """{(source, target): Cell} for every pair of caches, the diagonal included; `by` and
+    `sensitivity` as heads.train takes them, for every run and every cell."""
     test_rows = {source.name: read_target(source.path, split="test") for source in sources}
     cells = {}
     for source in sources:
-        run = train_source(partial, source, grid=grid, device=device, n_bootstrap=n_bootstrap)
+        run = train_source(partial, source, grid=grid, device=device, n_bootstrap=n_bootstrap, by=by,
+                           sensitivity=sensitivity)
         for target in sources:
             cells[source.name, target.name] = score_cell(partial, out, run, source, target, test_rows[target.name],
-                                                         n_bootstrap=n_bootstrap)
+                                                         n_bootstrap=n_bootstrap, by=by, sensitivity=sensitivity)
     return cells
 
 
@@ -328,13 +342,15 @@ def main(args) -> int:
     try:
         check_out_dir(out, kind=KIND, overwrite=args.overwrite)  # before any work
         sources = check_caches(args.cache)
+        check_metadata(sources, args.by)
         device = resolve_device(args.device)
         partial = prepare_out_dir(out, kind=KIND, overwrite=args.overwrite)
     except (ExternalError, cache.CacheError, OutDirError, DeviceUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        cells = build_matrix(partial, out, sources, grid=grid, device=device, n_bootstrap=args.bootstrap)
+        cells = build_matrix(partial, out, sources, grid=grid, device=device, n_bootstrap=args.bootstrap,
+                             by=args.by, sensitivity=args.sensitivity)
         dropped = write_transfer(partial, sources=sources, cells=cells, grid=grid, n_bootstrap=args.bootstrap)
         finish_out_dir(partial, out, kind=KIND)
     except (HeadsError, ExternalError, cache.CacheError) as err:  # a source that cannot be trained on
