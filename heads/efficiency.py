@@ -1,0 +1,357 @@
+"""Label efficiency: how a head's test AUC grows with the number of labelled training patients.
+
+    python -m heads.train --train-fraction 0.01,0.1,0.25,1 --repeats 5
+
+Design. Repeat r has one seed, the head's seed + r. It orders the train split's patients at
+random once (numpy's default_rng(seed).permutation of the sorted patient ids), and fraction f
+keeps the first ceil(f x patients) of that order with all their images: within a repeat every
+smaller subset is nested in every larger one, so a step of the curve is more labels, not other
+patients. Val and test never change. Each (fraction, repeat) fits the head, or the grid, as
+heads.train does (epoch and grid entry chosen on validation) and scores val and, once, test.
+
+The same seed is the head's seed in that repeat: repeats differ in initialisation and minibatch
+order as well as in patients, so the spread over repeats is what rerunning the experiment would
+show. Fraction 1 holds the same rows in every repeat and is fit once per repeat anyway: its
+spread is the training noise alone, the floor under every other fraction's.
+
+Features stay standardized with the whole train split's mean and std: those come from images,
+not labels, and the question is how few labels a head needs, not how few images.
+
+The run directory (kind "run"; the folder rules of cache/outdir.py):
+
+    config.json       the settings as given, the caches, `efficiency`: fractions, repeats, seeds,
+                      every subset's size
+    metrics.json      `fits`: one entry per (fraction, repeat): subset, chosen settings and
+                      epoch, val and test mean AUC, classes without a train positive
+    efficiency.csv    one row per (fraction, repeat, class): subset size, n_train_positives,
+                      val_auc, test_auc (empty where a split cannot score the class)
+    efficiency.md     the summary table printed at the end
+    efficiency.png    mean test AUC against training images (log x), min-max band over repeats
+    predictions/      f<fraction>-r<repeat>_val.csv and _test.csv per fit, in the format of
+                      heads/report.py: every number above is recomputed from these
+
+`heads.compare` of two such runs gives, per fraction, the mean over repeats of the test mean
+AUC difference with a paired patient-bootstrap CI (`compare_efficiency_runs`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cache.outdir import discard_partial, finish_out_dir, prepare_out_dir
+from heads.data import HeadsError, Split, scoring_warnings
+from heads.estimator import Head, HeadGrid
+from heads.metrics import auc_per_class, mean_auc
+from heads.report import figure_title, write_predictions
+from heads.training import run_config
+
+SEED_MODULUS = 2 ** 63  # a head seed's range (heads/settings.py): seed + repeat wraps inside it
+PREDICTIONS = "predictions"
+CSV_COLUMNS = ["fraction", "repeat", "seed", "n_train_images", "n_train_patients", "class", "n_train_positives",
+               "val_auc", "test_auc"]
+
+
+class EfficiencyError(HeadsError):
+    """A label-efficiency request that cannot be met (a fraction that keeps no patient)."""
+
+
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The seed of repeat `repeat`: its patient order and its head's seed."""
+    return (seed + repeat) % SEED_MODULUS
+
+
+def patient_order(patient_ids, seed: int) -> np.ndarray:
+    """The train patients in the random order of one repeat (the cache's row order plays no part)."""
+    return np.random.default_rng(seed).permutation(np.unique(np.asarray(patient_ids)))
+
+
+def patients_kept(fraction: float, n_patients: int) -> int:
+    """ceil(fraction x n_patients), forgiving float rounding: 0.07 of 100 keeps 7, not 8."""
+    return math.ceil(fraction * n_patients - 1e-9)
+
+
+def check_fractions(fractions, n_patients: int) -> None:
+    """Refuse, in one line, a fraction that asks for less than one of the train patients."""
+    for fraction in fractions:
+        if fraction * n_patients < 1:
+            raise EfficiencyError(
+                f"--train-fraction {fraction:g} keeps no patient: the train split has {n_patients} patients, and "
+                f"{fraction:g} of them is {fraction * n_patients:.3g}; give fractions of at least "
+                f"1/{n_patients} = {1 / n_patients:.3g}")
+
+
+def train_subsets(train: Split, *, fractions, seed: int) -> dict:
+    """fraction -> the Split of the patients that fraction keeps in the order `seed` draws, with
+    all their images, in the train split's row order (nested: a smaller fraction's patients are
+    the first of a larger one's)."""
+    order = patient_order(train.patient_ids, seed)
+    subsets = {}
+    for fraction in fractions:
+        kept = np.isin(train.patient_ids, order[:patients_kept(fraction, len(order))])
+        if kept.all():
+            subsets[fraction] = train
+            continue
+        rows = np.flatnonzero(kept)
+        index = torch.from_numpy(rows).to(train.features.device)
+        subsets[fraction] = replace(train, image_ids=train.image_ids[rows], patient_ids=train.patient_ids[rows],
+                                    features=train.features[index], labels=train.labels[index])
+    return subsets
+
+
+@dataclass
+class Fit:
+    """One head (or grid) fit on one subset, and its scores."""
+    fraction: float
+    repeat: int
+    seed: int
+    train: Split
+    estimator: object
+    val_scores: np.ndarray
+    test_scores: np.ndarray
+    seconds: float
+
+    @property
+    def stem(self) -> str:
+        return f"f{self.fraction:g}-r{self.repeat}"
+
+    def train_positives(self) -> list:
+        return (self.train.labels == 1).sum(dim=0).tolist()
+
+
+def fit_subset(grid: list, *, fraction, repeat, seed, train: Split, val: Split, test: Split, device) -> Fit:
+    """Fit the head (one settings dict) or the grid with the repeat's seed; score val, then test once."""
+    settings_list = [{**settings, "seed": seed} for settings in grid]
+    estimator = Head(settings_list[0], device=device) if len(grid) == 1 else HeadGrid(settings_list, device=device)
+    start = time.perf_counter()
+    estimator.fit(train, val)
+    val_scores = estimator.predict_proba(val.features)
+    test_scores = estimator.predict_proba(test.features)  # the one use of test in this fit
+    return Fit(fraction=fraction, repeat=repeat, seed=seed, train=train, estimator=estimator,
+               val_scores=val_scores, test_scores=test_scores, seconds=time.perf_counter() - start)
+
+
+def run_efficiency(*, grid: list, data, cache_path, out, device, fractions, repeats: int, overwrite=False,
+                   name: str | None = None, quiet=False) -> tuple[Path, pd.DataFrame]:
+    """Fit every (fraction, repeat), write the run directory under `<out>.partial` and move it
+    into place; returns (run dir, the summary table). Fractions that keep no patient are refused
+    before anything is written."""
+    fractions = sorted(fractions)
+    n_patients = len(np.unique(data.train.patient_ids))
+    check_fractions(fractions, n_patients)
+    partial = prepare_out_dir(out, kind="run", overwrite=overwrite)
+    if not quiet:
+        for line in scoring_warnings(data):
+            print(f"warning: {line}", file=sys.stderr)
+    try:
+        (partial / PREDICTIONS).mkdir()
+        fits = []
+        for repeat in range(repeats):
+            seed = repeat_seed(grid[0]["seed"], repeat)
+            for fraction, train in train_subsets(data.train, fractions=fractions, seed=seed).items():
+                fit = fit_subset(grid, fraction=fraction, repeat=repeat, seed=seed, train=train, val=data.val,
+                                 test=data.test, device=device)
+                write_predictions(partial / PREDICTIONS / f"{fit.stem}_val.csv", data.val, fit.val_scores, data.classes)
+                write_predictions(partial / PREDICTIONS / f"{fit.stem}_test.csv", data.test, fit.test_scores,
+                                  data.classes)
+                fits.append(fit)
+                if not quiet:
+                    print(progress_line(fit, data=data), flush=True)
+        table, summary = write_efficiency(partial, fits=fits, data=data, grid=grid, cache_path=cache_path,
+                                          device=device, fractions=fractions, repeats=repeats, name=name)
+    except BaseException:
+        discard_partial(partial, kind="run")
+        raise
+    run_dir = finish_out_dir(partial, out, kind="run")
+    if not quiet:
+        print(f"\n{format_summary(summary)}\n\nrun directory: {run_dir} (efficiency.csv, efficiency.md, "
+              f"efficiency.png, predictions/)")
+    return run_dir, summary
+
+
+def progress_line(fit: Fit, *, data) -> str:
+    val, test = _mean(data.val, fit.val_scores), _mean(data.test, fit.test_scores)
+    missing = _without_positive(fit, data.classes)
+    return (f"fraction {fit.fraction:g} repeat {fit.repeat}: {len(fit.train)} train images of "
+            f"{len(np.unique(fit.train.patient_ids))} patients; validation mean AUC {val:.4f}, test {test:.4f} "
+            f"({fit.seconds:.1f}s)" + (f"; no train positive: {', '.join(missing)}" if missing else ""))
+
+
+def _mean(split: Split, scores) -> float:
+    return mean_auc(auc_per_class(split.labels.cpu().numpy(), scores))
+
+
+def _without_positive(fit: Fit, classes) -> list:
+    return [name for name, n in zip(classes, fit.train_positives()) if n == 0]
+
+
+def efficiency_rows(fits: list, *, data) -> pd.DataFrame:
+    """efficiency.csv: one row per (fit, class)."""
+    rows = []
+    val_labels, test_labels = data.val.labels.cpu().numpy(), data.test.labels.cpu().numpy()
+    for fit in fits:
+        val_aucs, test_aucs = auc_per_class(val_labels, fit.val_scores), auc_per_class(test_labels, fit.test_scores)
+        subset = {"fraction": fit.fraction, "repeat": fit.repeat, "seed": fit.seed, "n_train_images": len(fit.train),
+                  "n_train_patients": len(np.unique(fit.train.patient_ids))}
+        for c, name in enumerate(data.classes):
+            rows.append({**subset, "class": name, "n_train_positives": int(fit.train_positives()[c]),
+                         "val_auc": val_aucs[c], "test_auc": test_aucs[c]})
+    return pd.DataFrame(rows, columns=CSV_COLUMNS)
+
+
+def fit_means(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per fit: its subset and its val and test mean AUC over the classes each split scores."""
+    keys = ["fraction", "repeat", "seed", "n_train_images", "n_train_patients"]
+    return table.groupby(keys, sort=True).agg(val_mean_auc=("val_auc", "mean"),
+                                              test_mean_auc=("test_auc", "mean")).reset_index()
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per fraction: subset sizes, mean val and test mean AUC over repeats, the test
+    spread (min and max over repeats), and the classes some repeat had no train positive for."""
+    per_fit = fit_means(table)
+    summary = per_fit.groupby("fraction").agg(
+        repeats=("repeat", "count"), train_images=("n_train_images", "mean"),
+        train_images_min=("n_train_images", "min"), train_images_max=("n_train_images", "max"),
+        train_patients=("n_train_patients", "first"), val_mean_auc=("val_mean_auc", "mean"),
+        test_mean_auc=("test_mean_auc", "mean"), test_min=("test_mean_auc", "min"),
+        test_max=("test_mean_auc", "max")).reset_index()
+    absent = table[table["n_train_positives"] == 0]
+    summary["no_train_positive"] = [
+        "; ".join(f"{name} ({_repeats(sorted(group['repeat']))})"
+                  for name, group in absent[absent["fraction"] == fraction].groupby("class", sort=False))
+        for fraction in summary["fraction"]]
+    return summary
+
+
+def _repeats(numbers) -> str:
+    return f"repeat{'s' * (len(numbers) > 1)} {', '.join(map(str, numbers))}"
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """The summary as a Markdown table (efficiency.md and the terminal), then the classes a
+    fraction left without a train positive."""
+    lines = ["| fraction | train images | train patients | repeats | val mean AUC | test mean AUC | "
+             "test min-max over repeats |", "|---|---|---|---|---|---|---|"]
+    for row in summary.itertuples():
+        images = f"{row.train_images:.0f}" + (f" ({row.train_images_min}-{row.train_images_max})"
+                                               if row.train_images_min != row.train_images_max else "")
+        lines.append(f"| {row.fraction:g} | {images} | {row.train_patients} | {row.repeats} | "
+                     f"{row.val_mean_auc:.4f} | {row.test_mean_auc:.4f} | {row.test_min:.4f}-{row.test_max:.4f} |")
+    lines.append("\nImages: mean over repeats (range). AUCs: macro mean over the classes each split can score, "
+                 "then the mean over repeats; every choice was made on validation.")
+    for row in summary.itertuples():
+        if row.no_train_positive:
+            lines.append(f"fraction {row.fraction:g}: no train positive for {row.no_train_positive}; those heads "
+                         f"cannot learn the class, and its AUC stays in the mean as what so few labels give")
+    return "\n".join(lines)
+
+
+def write_efficiency(partial: Path, *, fits: list, data, grid: list, cache_path, device, fractions, repeats,
+                     name) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """config.json, metrics.json, efficiency.csv, .md and .png from the fits (their predictions
+    are already written)."""
+    table = efficiency_rows(fits, data=data)
+    summary = summarize(table)
+    subsets = [{"fraction": fit.fraction, "repeat": fit.repeat, "seed": fit.seed, "n_train_images": len(fit.train),
+                "n_train_patients": len(np.unique(fit.train.patient_ids))} for fit in fits]
+    config = run_config(cache_path=cache_path, data=data, settings=given_settings(grid), device=device,
+                        class_weights_used={"scheme": grid[0]["class_weighting"],
+                                            "from": "each fit's train subset (metrics.json fits)"},
+                        n_bootstrap=0, extra={
+                            "model": "head" if len(grid) == 1 else "head grid", "name": name,
+                            "efficiency": {"fractions": list(fractions), "repeats": repeats,
+                                           "seeds": [repeat_seed(grid[0]["seed"], r) for r in range(repeats)],
+                                           "train_patients": int(len(np.unique(data.train.patient_ids))),
+                                           "train_images": len(data.train), "subsets": subsets,
+                                           "rule": ("repeat r: seed = head seed + r; patients in numpy "
+                                                    "default_rng(seed).permutation of the sorted train patient "
+                                                    "ids; fraction f keeps the first ceil(f x patients) with all "
+                                                    "their images; the head's seed is the repeat's seed")}})
+    config["bootstrap"] = {"resamples": 0, "note": "no per-fit CI: the spread over repeats is shown; heads.compare "
+                                                   "of two efficiency runs gives paired patient-bootstrap CIs"}
+    metrics = {"fits": [fit_record(fit, data=data) for fit in fits],
+               "summary": json.loads(summary.to_json(orient="records"))}
+    (partial / "config.json").write_text(json.dumps(config, indent=2, default=_plain) + "\n")
+    (partial / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_plain) + "\n")
+    table.to_csv(partial / "efficiency.csv", index=False, float_format="%.6g")
+    (partial / "efficiency.md").write_text(f"# Label efficiency\n\n{format_summary(summary)}\n")
+    plot_efficiency(partial / "efficiency.png", summary, config=config, official_nih=data.official_nih)
+    return table, summary
+
+
+def given_settings(grid: list) -> dict:
+    """The head settings as given: a value, or the list of values a grid tried."""
+    return {key: (grid[0][key] if len({repr(s[key]) for s in grid}) == 1 else [s[key] for s in grid])
+            for key in grid[0]}
+
+
+def fit_record(fit: Fit, *, data) -> dict:
+    """metrics.json's entry for one fit: what was chosen on validation and what it scored."""
+    summary = fit.estimator.fit_summary()
+    summary.pop("history", None)
+    return {"fraction": fit.fraction, "repeat": fit.repeat, "seed": fit.seed, "n_train_images": len(fit.train),
+            "n_train_patients": int(len(np.unique(fit.train.patient_ids))),
+            "classes_without_train_positive": _without_positive(fit, data.classes),
+            "settings": fit.estimator.chosen_settings(), **summary,
+            "class_weights": fit.estimator.class_weights_used(),
+            "val_mean_auc": _mean(data.val, fit.val_scores), "test_mean_auc": _mean(data.test, fit.test_scores),
+            "predictions": {split: f"{PREDICTIONS}/{fit.stem}_{split}.csv" for split in ("val", "test")}}
+
+
+def _plain(value):
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.tolist() if getattr(value, "ndim", 0) else value.item()
+    if isinstance(value, (np.ndarray, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def plot_efficiency(path, summary: pd.DataFrame, *, config: dict, official_nih: bool) -> None:
+    """Mean test AUC over repeats against the mean number of training images (log x), the
+    min-max band over repeats, each point labelled with its fraction; the validation mean dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    placeholder = {"test": {"mean_auc": float("nan"), "ci95": {"mean": [float("nan")] * 2}}}
+    title, marks = figure_title(config, placeholder, official_nih=official_nih)
+    repeats = int(summary["repeats"].max())
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    x = summary["train_images"].to_numpy(float)
+    ax.fill_between(x, summary["test_min"], summary["test_max"], color="C0", alpha=0.2,
+                    label=f"test: min-max over {repeats} repeat{'s' * (repeats > 1)}")
+    ax.plot(x, summary["test_mean_auc"], "o-", color="C0", label="test mean AUC, mean over repeats")
+    ax.plot(x, summary["val_mean_auc"], "--", color="0.5", lw=1, label="validation mean AUC, mean over repeats")
+    for row in summary.itertuples():
+        ax.annotate(f"{row.fraction:g}", (row.train_images, row.test_mean_auc), textcoords="offset points",
+                    xytext=(0, 7), ha="center", fontsize=8)
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter  # after the Agg backend is set, as pyplot is
+    counts = FuncFormatter(lambda value, _: f"{value:,.0f}")  # image counts, not powers of ten
+    ax.xaxis.set_major_formatter(counts)
+    ax.xaxis.set_minor_formatter(counts)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.margins(x=0.08, y=0.12)
+    ax.set_xlabel("training images (mean over repeats; log scale); points labelled with the fraction of patients")
+    ax.set_ylabel("mean AUC over the classes test scores")
+    ax.set_title(title.splitlines()[0] + "\nlabel efficiency (every choice on validation)", fontsize=10)
+    for index, mark in enumerate(marks):
+        # top left: a curve that rises with more labels leaves that corner empty
+        ax.text(0.01, 0.97 - 0.05 * index, mark, transform=ax.transAxes, color="red", fontsize=9, weight="bold",
+                va="top")
+    ax.grid(color="0.9", lw=0.6)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
