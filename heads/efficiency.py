@@ -39,6 +39,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,9 +48,10 @@ import pandas as pd
 import torch
 
 from cache.outdir import discard_partial, finish_out_dir, prepare_out_dir
+from cache.runtime import versions
 from heads.data import HeadsError, Split, scoring_warnings
 from heads.estimator import Head, HeadGrid
-from heads.metrics import auc_per_class, mean_auc
+from heads.metrics import auc_per_class, confidence_intervals, mean_auc
 from heads.report import figure_title, write_predictions
 from heads.training import run_config
 
@@ -355,3 +357,167 @@ def plot_efficiency(path, summary: pd.DataFrame, *, config: dict, official_nih: 
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+# heads.compare of efficiency runs --------------------------------------------------------------
+# heads.comparison and heads.paired are imported inside these functions: they bring scipy, whose
+# import would slow every heads.train start for a path only heads.compare takes.
+
+COMPARISON_COLUMNS = ["run", "reference", "fraction", "repeats", "reference_repeats", "n_train_images",
+                      "reference_n_train_images", "test_mean_auc", "reference_test_mean_auc", "difference",
+                      "ci_low", "ci_high", "p_bootstrap"]
+
+
+@dataclass
+class EfficiencyRun:
+    run: "Run"  # heads.comparison.Run: label, config, val_mean_auc (set by compare_efficiency_runs)
+    fits: dict  # (fraction, repeat) -> Run holding that fit's test predictions
+    n_train_images: dict  # (fraction, repeat) -> training images of that fit
+    val_mean_aucs: dict  # (fraction, repeat) -> validation mean AUC, recomputed from its predictions
+
+    @property
+    def fractions(self) -> set:
+        return {fraction for fraction, _ in self.fits}
+
+
+def is_efficiency_run(name) -> bool:
+    return (Path(name) / "efficiency.csv").is_file() and (Path(name) / "config.json").is_file()
+
+
+def efficiency_comparison(names) -> bool:
+    """True when every run is a label-efficiency run, False when none is; CompareError when some are."""
+    from heads.comparison import CompareError
+
+    kinds = [is_efficiency_run(name) for name in names]
+    if any(kinds) and not all(kinds):
+        raise CompareError(f"{names[kinds.index(True)]} is a label-efficiency run and {names[kinds.index(False)]} "
+                           "is not; compare efficiency runs with efficiency runs")
+    return all(kinds)
+
+
+def load_efficiency_run(name: str) -> EfficiencyRun:
+    """An efficiency run's config and every fit's predictions, checked as heads.compare checks a run."""
+    from heads.comparison import CompareError, Run, labels_and_scores, read_predictions
+
+    path = Path(name)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        subsets = [(float(s["fraction"]), int(s["repeat"]), int(s["n_train_images"]))
+                   for s in config["efficiency"]["subsets"]]
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CompareError(f"{path / 'config.json'}: not a label-efficiency run's config ({err!r}); rerun "
+                           "heads.train --train-fraction") from None
+    fits, images, val_means = {}, {}, {}
+    for fraction, repeat, n_images in subsets:
+        stem = path / PREDICTIONS / f"f{fraction:g}-r{repeat}"
+        test, classes = read_predictions(Path(f"{stem}_test.csv"))
+        val, val_classes = read_predictions(Path(f"{stem}_val.csv"))
+        if val_classes != classes:
+            raise CompareError(f"{stem}_val.csv scores other classes than {stem.name}_test.csv beside it")
+        val_means[fraction, repeat] = mean_auc(auc_per_class(*labels_and_scores(val, classes)))
+        fits[fraction, repeat] = Run(name=f"{name} ({stem.name})", path=path, config=config, metrics={}, test=test,
+                                     classes=classes, val_mean_auc=None)
+        images[fraction, repeat] = n_images
+    if not fits:
+        raise CompareError(f"{path / 'config.json'} lists no fits; rerun heads.train --train-fraction")
+    run = Run(name=name, path=path, config=config, metrics={}, test=None, classes=classes, val_mean_auc=None)
+    return EfficiencyRun(run=run, fits=fits, n_train_images=images, val_mean_aucs=val_means)
+
+
+def compare_efficiency_runs(names, *, args, out: Path) -> int:
+    """heads.compare's path for label-efficiency runs: per fraction every run has, each run
+    minus the reference (chosen on validation over those fractions, as heads.compare chooses;
+    or --reference): the mean over repeats of
+    the test mean AUC, its difference, and a paired patient-bootstrap CI in which every
+    resample weighs the test rows of every repeat of both runs alike. Returns the exit status."""
+    from heads.comparison import CompareError, check_same_test_rows, choose_reference, label_runs
+
+    runs = [load_efficiency_run(name) for name in names]
+    label_runs([e.run for e in runs], labels=args.label)
+    check_same_test_rows([fit for e in runs for fit in e.fits.values()])
+    shared = sorted(set.intersection(*(e.fractions for e in runs)))
+    if not shared:
+        raise CompareError("the efficiency runs share no --train-fraction; compare runs made with common fractions")
+    for e in runs:  # validation over the same fractions in every run, so the choice compares like with like
+        e.run.val_mean_auc = float(np.nanmean([v for (f, _), v in e.val_mean_aucs.items() if f in shared]))
+    reference, reason = choose_reference([e.run for e in runs], args.reference)
+    partial = prepare_out_dir(out, kind="comparison", overwrite=args.overwrite)
+    try:
+        table = efficiency_differences(runs, fractions=shared, reference=reference, n_resamples=args.bootstrap,
+                                       seed=args.seed)
+        text = format_comparison(table, runs=runs, reference=reference, reason=reason)
+        table.to_csv(partial / "efficiency_comparison.csv", index=False, float_format="%.6g")
+        (partial / "efficiency_comparison.md").write_text(f"# Label efficiency, paired\n\n{text}\n")
+        inputs = {"runs": [str(e.run.path.resolve()) for e in runs], "labels": [e.run.label for e in runs],
+                  "reference": runs[reference].run.label, "reference_reason": reason,
+                  "bootstrap": {"resamples": args.bootstrap, "unit": "patient", "seed": args.seed,
+                                "paired": "each resample of test patients weighs every repeat of every run"},
+                  "versions": versions(pandas=pd.__version__)}
+        (partial / "comparison.json").write_text(json.dumps(inputs, indent=2) + "\n")
+        finish_out_dir(partial, out, kind="comparison")
+    except BaseException:
+        discard_partial(partial, kind="comparison")
+        raise
+    print(text)
+    print(f"comparison: {out} (efficiency_comparison.md, efficiency_comparison.csv, comparison.json)")
+    return 0
+
+
+def efficiency_differences(runs: list, *, fractions, reference: int, n_resamples: int, seed: int) -> pd.DataFrame:
+    """One row per (run other than the reference, fraction of `fractions`): mean over repeats of
+    the test mean AUC of each, their difference, its 95% percentile CI and bootstrap p."""
+    from heads.comparison import labels_and_scores
+    from heads.paired import bootstrap_p_value, paired_bootstrap_auc
+
+    order = [(r, key) for r, e in enumerate(runs) for key in sorted(e.fits)]
+    first = runs[0].fits[order[0][1]]
+    labels, _ = labels_and_scores(first.test, first.classes)
+    scores = [labels_and_scores(runs[r].fits[key].test, first.classes)[1] for r, key in order]
+    resampled = paired_bootstrap_auc(labels, scores, first.test["patient_id"].to_numpy(), n_resamples=n_resamples,
+                                     seed=seed)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample where no class can be scored: NaN
+        resampled_means = np.nanmean(resampled, axis=2)  # (resamples, fits): each fit's test mean AUC
+    point = [mean_auc(auc_per_class(labels, s)) for s in scores]
+    rows = []
+    for r, e in enumerate(runs):
+        if r == reference:
+            continue
+        for fraction in fractions:
+            mine = [i for i, (run, key) in enumerate(order) if run == r and key[0] == fraction]
+            theirs = [i for i, (run, key) in enumerate(order) if run == reference and key[0] == fraction]
+            difference = resampled_means[:, mine].mean(axis=1) - resampled_means[:, theirs].mean(axis=1)
+            low, high = confidence_intervals(difference[:, None])["per_class"][0]
+            auc, reference_auc = np.mean([point[i] for i in mine]), np.mean([point[i] for i in theirs])
+            rows.append({"run": e.run.label, "reference": runs[reference].run.label, "fraction": fraction,
+                         "repeats": len(mine), "reference_repeats": len(theirs),
+                         "n_train_images": _mean_images(e, fraction),
+                         "reference_n_train_images": _mean_images(runs[reference], fraction),
+                         "test_mean_auc": auc, "reference_test_mean_auc": reference_auc,
+                         "difference": auc - reference_auc, "ci_low": low, "ci_high": high,
+                         "p_bootstrap": bootstrap_p_value(difference)})
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+def _mean_images(run: EfficiencyRun, fraction: float) -> float:
+    return float(np.mean([n for (f, _), n in run.n_train_images.items() if f == fraction]))
+
+
+def format_comparison(table: pd.DataFrame, *, runs: list, reference: int, reason: str) -> str:
+    """The paired differences as a Markdown table, with the fractions not compared named."""
+    lines = [f"Reference: {runs[reference].run.label} ({reason}).", "",
+             "| run | fraction | train images | repeats | test mean AUC | reference | difference | 95% CI | p |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in table.itertuples():
+        lines.append(f"| {row.run} | {row.fraction:g} | {row.n_train_images:.0f} | {row.repeats} vs "
+                     f"{row.reference_repeats} | {row.test_mean_auc:.4f} | {row.reference_test_mean_auc:.4f} | "
+                     f"{row.difference:+.4f} | [{row.ci_low:+.4f}, {row.ci_high:+.4f}] | {row.p_bootstrap:.3g} |")
+    lines.append("\nPer fraction: the mean over repeats of each run's test mean AUC, and their difference; the "
+                 "95% CI and p come from a patient bootstrap in which each resample of the test patients weighs "
+                 "every repeat of both runs alike.")
+    everywhere = set(table["fraction"])
+    for e in runs:
+        alone = sorted(e.fractions - everywhere)
+        if alone:
+            lines.append(f"not compared (not in every run): {e.run.label} fraction {', '.join(f'{f:g}' for f in alone)}")
+    return "\n".join(lines)
