@@ -42,6 +42,7 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -54,6 +55,9 @@ from heads.estimator import Head, HeadGrid
 from heads.metrics import auc_per_class, confidence_intervals, mean_auc
 from heads.report import figure_title, write_predictions
 from heads.training import run_config
+
+if TYPE_CHECKING:
+    from heads.comparison import Run
 
 SEED_MODULUS = 2 ** 63  # a head seed's range (heads/settings.py): seed + repeat wraps inside it
 PREDICTIONS = "predictions"
@@ -118,6 +122,8 @@ class Fit:
     estimator: object
     val_scores: np.ndarray
     test_scores: np.ndarray
+    val_aucs: list  # per class; None where the split cannot score the class
+    test_aucs: list
     seconds: float
 
     @property
@@ -136,8 +142,11 @@ def fit_subset(grid: list, *, fraction, repeat, seed, train: Split, val: Split, 
     estimator.fit(train, val)
     val_scores = estimator.predict_proba(val.features)
     test_scores = estimator.predict_proba(test.features)  # the one use of test in this fit
+    seconds = time.perf_counter() - start
     return Fit(fraction=fraction, repeat=repeat, seed=seed, train=train, estimator=estimator,
-               val_scores=val_scores, test_scores=test_scores, seconds=time.perf_counter() - start)
+               val_scores=val_scores, test_scores=test_scores, seconds=seconds,
+               val_aucs=auc_per_class(val.labels.cpu().numpy(), val_scores),
+               test_aucs=auc_per_class(test.labels.cpu().numpy(), test_scores))
 
 
 def run_efficiency(*, grid: list, data, cache_path, out, device, fractions, repeats: int, overwrite=False,
@@ -179,15 +188,12 @@ def run_efficiency(*, grid: list, data, cache_path, out, device, fractions, repe
 
 
 def progress_line(fit: Fit, *, data) -> str:
-    val, test = _mean(data.val, fit.val_scores), _mean(data.test, fit.test_scores)
     missing = _without_positive(fit, data.classes)
-    return (f"fraction {fit.fraction:g} repeat {fit.repeat}: {len(fit.train)} train images of "
-            f"{len(np.unique(fit.train.patient_ids))} patients; validation mean AUC {val:.4f}, test {test:.4f} "
-            f"({fit.seconds:.1f}s)" + (f"; no train positive: {', '.join(missing)}" if missing else ""))
-
-
-def _mean(split: Split, scores) -> float:
-    return mean_auc(auc_per_class(split.labels.cpu().numpy(), scores))
+    patients = len(np.unique(fit.train.patient_ids))
+    return (f"fraction {fit.fraction:g} repeat {fit.repeat}: {len(fit.train)} train images of {patients} "
+            f"patient{'s' * (patients > 1)}; validation mean AUC {mean_auc(fit.val_aucs):.4f}, test "
+            f"{mean_auc(fit.test_aucs):.4f} ({fit.seconds:.1f}s)"
+            + (f"; no train positive: {', '.join(missing)}" if missing else ""))
 
 
 def _without_positive(fit: Fit, classes) -> list:
@@ -197,14 +203,12 @@ def _without_positive(fit: Fit, classes) -> list:
 def efficiency_rows(fits: list, *, data) -> pd.DataFrame:
     """efficiency.csv: one row per (fit, class)."""
     rows = []
-    val_labels, test_labels = data.val.labels.cpu().numpy(), data.test.labels.cpu().numpy()
     for fit in fits:
-        val_aucs, test_aucs = auc_per_class(val_labels, fit.val_scores), auc_per_class(test_labels, fit.test_scores)
         subset = {"fraction": fit.fraction, "repeat": fit.repeat, "seed": fit.seed, "n_train_images": len(fit.train),
                   "n_train_patients": len(np.unique(fit.train.patient_ids))}
         for c, name in enumerate(data.classes):
             rows.append({**subset, "class": name, "n_train_positives": int(fit.train_positives()[c]),
-                         "val_auc": val_aucs[c], "test_auc": test_aucs[c]})
+                         "val_auc": fit.val_aucs[c], "test_auc": fit.test_aucs[c]})
     return pd.DataFrame(rows, columns=CSV_COLUMNS)
 
 
@@ -304,7 +308,7 @@ def fit_record(fit: Fit, *, data) -> dict:
             "classes_without_train_positive": _without_positive(fit, data.classes),
             "settings": fit.estimator.chosen_settings(), **summary,
             "class_weights": fit.estimator.class_weights_used(),
-            "val_mean_auc": _mean(data.val, fit.val_scores), "test_mean_auc": _mean(data.test, fit.test_scores),
+            "val_mean_auc": mean_auc(fit.val_aucs), "test_mean_auc": mean_auc(fit.test_aucs),
             "predictions": {split: f"{PREDICTIONS}/{fit.stem}_{split}.csv" for split in ("val", "test")}}
 
 
@@ -370,7 +374,7 @@ COMPARISON_COLUMNS = ["run", "reference", "fraction", "repeats", "reference_repe
 
 @dataclass
 class EfficiencyRun:
-    run: "Run"  # heads.comparison.Run: label, config, val_mean_auc (set by compare_efficiency_runs)
+    run: Run  # heads.comparison.Run: label, config, val_mean_auc (set by compare_efficiency_runs)
     fits: dict  # (fraction, repeat) -> Run holding that fit's test predictions
     n_train_images: dict  # (fraction, repeat) -> training images of that fit
     val_mean_aucs: dict  # (fraction, repeat) -> validation mean AUC, recomputed from its predictions
