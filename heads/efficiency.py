@@ -114,11 +114,14 @@ def train_subsets(train: Split, *, fractions, seed: int) -> dict:
 
 @dataclass
 class Fit:
-    """One head (or grid) fit on one subset, and its scores."""
+    """One head (or grid) fit on one subset: the subset's size, the estimator and its scores (the
+    subset's rows are not kept: at scale, a copy of the features per fit)."""
     fraction: float
     repeat: int
     seed: int
-    train: Split
+    n_train_images: int
+    n_train_patients: int
+    train_positives: list  # per class, known positives of the subset
     estimator: object
     val_scores: np.ndarray
     test_scores: np.ndarray
@@ -130,8 +133,9 @@ class Fit:
     def stem(self) -> str:
         return f"f{self.fraction:g}-r{self.repeat}"
 
-    def train_positives(self) -> list:
-        return (self.train.labels == 1).sum(dim=0).tolist()
+    def subset(self) -> dict:
+        return {"fraction": self.fraction, "repeat": self.repeat, "seed": self.seed,
+                "n_train_images": self.n_train_images, "n_train_patients": self.n_train_patients}
 
 
 def fit_subset(grid: list, *, fraction, repeat, seed, train: Split, val: Split, test: Split, device) -> Fit:
@@ -143,7 +147,9 @@ def fit_subset(grid: list, *, fraction, repeat, seed, train: Split, val: Split, 
     val_scores = estimator.predict_proba(val.features)
     test_scores = estimator.predict_proba(test.features)  # the one use of test in this fit
     seconds = time.perf_counter() - start
-    return Fit(fraction=fraction, repeat=repeat, seed=seed, train=train, estimator=estimator,
+    return Fit(fraction=fraction, repeat=repeat, seed=seed, n_train_images=len(train),
+               n_train_patients=len(np.unique(train.patient_ids)),
+               train_positives=[int(n) for n in (train.labels == 1).sum(dim=0).tolist()], estimator=estimator,
                val_scores=val_scores, test_scores=test_scores, seconds=seconds,
                val_aucs=auc_per_class(val.labels.cpu().numpy(), val_scores),
                test_aucs=auc_per_class(test.labels.cpu().numpy(), test_scores))
@@ -189,25 +195,23 @@ def run_efficiency(*, grid: list, data, cache_path, out, device, fractions, repe
 
 def progress_line(fit: Fit, *, data) -> str:
     missing = _without_positive(fit, data.classes)
-    patients = len(np.unique(fit.train.patient_ids))
-    return (f"fraction {fit.fraction:g} repeat {fit.repeat}: {len(fit.train)} train images of {patients} "
+    patients = fit.n_train_patients
+    return (f"fraction {fit.fraction:g} repeat {fit.repeat}: {fit.n_train_images} train images of {patients} "
             f"patient{'s' * (patients > 1)}; validation mean AUC {mean_auc(fit.val_aucs):.4f}, test "
             f"{mean_auc(fit.test_aucs):.4f} ({fit.seconds:.1f}s)"
             + (f"; no train positive: {', '.join(missing)}" if missing else ""))
 
 
 def _without_positive(fit: Fit, classes) -> list:
-    return [name for name, n in zip(classes, fit.train_positives()) if n == 0]
+    return [name for name, n in zip(classes, fit.train_positives) if n == 0]
 
 
 def efficiency_rows(fits: list, *, data) -> pd.DataFrame:
     """efficiency.csv: one row per (fit, class)."""
     rows = []
     for fit in fits:
-        subset = {"fraction": fit.fraction, "repeat": fit.repeat, "seed": fit.seed, "n_train_images": len(fit.train),
-                  "n_train_patients": len(np.unique(fit.train.patient_ids))}
         for c, name in enumerate(data.classes):
-            rows.append({**subset, "class": name, "n_train_positives": int(fit.train_positives()[c]),
+            rows.append({**fit.subset(), "class": name, "n_train_positives": fit.train_positives[c],
                          "val_auc": fit.val_aucs[c], "test_auc": fit.test_aucs[c]})
     return pd.DataFrame(rows, columns=CSV_COLUMNS)
 
@@ -266,21 +270,12 @@ def write_efficiency(partial: Path, *, fits: list, data, grid: list, cache_path,
     are already written)."""
     table = efficiency_rows(fits, data=data)
     summary = summarize(table)
-    subsets = [{"fraction": fit.fraction, "repeat": fit.repeat, "seed": fit.seed, "n_train_images": len(fit.train),
-                "n_train_patients": len(np.unique(fit.train.patient_ids))} for fit in fits]
     config = run_config(cache_path=cache_path, data=data, settings=given_settings(grid), device=device,
                         class_weights_used={"scheme": grid[0]["class_weighting"],
                                             "from": "each fit's train subset (metrics.json fits)"},
-                        n_bootstrap=0, extra={
-                            "model": "head" if len(grid) == 1 else "head grid", "name": name,
-                            "efficiency": {"fractions": list(fractions), "repeats": repeats,
-                                           "seeds": [repeat_seed(grid[0]["seed"], r) for r in range(repeats)],
-                                           "train_patients": int(len(np.unique(data.train.patient_ids))),
-                                           "train_images": len(data.train), "subsets": subsets,
-                                           "rule": ("repeat r: seed = head seed + r; patients in numpy "
-                                                    "default_rng(seed).permutation of the sorted train patient "
-                                                    "ids; fraction f keeps the first ceil(f x patients) with all "
-                                                    "their images; the head's seed is the repeat's seed")}})
+                        n_bootstrap=0, extra={"model": "head" if len(grid) == 1 else "head grid", "name": name,
+                                              "efficiency": efficiency_record(fits, data=data, seed=grid[0]["seed"],
+                                                                              fractions=fractions, repeats=repeats)})
     config["bootstrap"] = {"resamples": 0, "note": "no per-fit CI: the spread over repeats is shown; heads.compare "
                                                    "of two efficiency runs gives paired patient-bootstrap CIs"}
     metrics = {"fits": [fit_record(fit, data=data) for fit in fits],
@@ -293,6 +288,17 @@ def write_efficiency(partial: Path, *, fits: list, data, grid: list, cache_path,
     return table, summary
 
 
+def efficiency_record(fits: list, *, data, seed: int, fractions, repeats: int) -> dict:
+    """config.json's `efficiency`: how the subsets were drawn, and every subset's size."""
+    return {"fractions": list(fractions), "repeats": repeats,
+            "seeds": [repeat_seed(seed, r) for r in range(repeats)],
+            "train_patients": len(np.unique(data.train.patient_ids)), "train_images": len(data.train),
+            "subsets": [fit.subset() for fit in fits],
+            "rule": ("repeat r: seed = head seed + r; patients in numpy default_rng(seed).permutation of the "
+                     "sorted train patient ids; fraction f keeps the first ceil(f x patients) with all their "
+                     "images; the head's seed is the repeat's seed")}
+
+
 def given_settings(grid: list) -> dict:
     """The head settings as given: a value, or the list of values a grid tried."""
     return {key: (grid[0][key] if len({repr(s[key]) for s in grid}) == 1 else [s[key] for s in grid])
@@ -303,9 +309,7 @@ def fit_record(fit: Fit, *, data) -> dict:
     """metrics.json's entry for one fit: what was chosen on validation and what it scored."""
     summary = fit.estimator.fit_summary()
     summary.pop("history", None)
-    return {"fraction": fit.fraction, "repeat": fit.repeat, "seed": fit.seed, "n_train_images": len(fit.train),
-            "n_train_patients": int(len(np.unique(fit.train.patient_ids))),
-            "classes_without_train_positive": _without_positive(fit, data.classes),
+    return {**fit.subset(), "classes_without_train_positive": _without_positive(fit, data.classes),
             "settings": fit.estimator.chosen_settings(), **summary,
             "class_weights": fit.estimator.class_weights_used(),
             "val_mean_auc": mean_auc(fit.val_aucs), "test_mean_auc": mean_auc(fit.test_aucs),
