@@ -105,11 +105,16 @@ def train_subsets(train: Split, *, fractions, seed: int) -> dict:
         if kept.all():
             subsets[fraction] = train
             continue
-        rows = np.flatnonzero(kept)
-        index = torch.from_numpy(rows).to(train.features.device)
-        subsets[fraction] = replace(train, image_ids=train.image_ids[rows], patient_ids=train.patient_ids[rows],
-                                    features=train.features[index], labels=train.labels[index])
+        subsets[fraction] = _rows_of(train, np.flatnonzero(kept))
     return subsets
+
+
+def _rows_of(split: Split, rows: np.ndarray) -> Split:
+    """The split's `rows`, every per-row field taken alike (the unknown-label mask is rebuilt)."""
+    index = torch.from_numpy(rows).to(split.features.device)
+    metadata = None if split.metadata is None else {key: values[rows] for key, values in split.metadata.items()}
+    return replace(split, image_ids=split.image_ids[rows], patient_ids=split.patient_ids[rows],
+                   features=split.features[index], labels=split.labels[index], metadata=metadata)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+import cache
 from cache.outdir import folder_kind
 from cache.synthetic import write_synthetic_cache
 from conftest import call_main
@@ -19,7 +20,8 @@ from heads.efficiency import patients_kept, run_efficiency, train_subsets
 from heads.estimator import HeadGrid
 from heads.train import get_args_parser
 
-# 100 train patients of 3 images; features 0..13 carry each class's signal
+# 100 train patients of 3 images; features 0..13 carry each class's signal; a tenth of the
+# labels unknown (a version-2 cache's 255), which no count or AUC may take for a negative
 ROWS = {"train": 300, "val": 150, "test": 150}
 FAST = ["--max-epochs", "12", "--patience", "3", "--batch-size", "32", "--device", "cpu", "--precision", "fp32"]
 GRID = ["--lr", "0.03,0.003"]
@@ -29,7 +31,7 @@ FRACTIONS = "0.01,0.25,1"
 @pytest.fixture(scope="module")
 def planted_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("efficiency") / "features.h5"
-    write_synthetic_cache(path, rows=ROWS, dim=16, separation=1.5)
+    write_synthetic_cache(path, rows=ROWS, dim=16, separation=1.5, dataset="nih", unknown=0.1)
     return path
 
 
@@ -58,7 +60,10 @@ def test_subsets_are_nested_whole_patients_of_the_train_split_only(planted_cache
             assert set(subset.image_ids) == every_image and len(subset.image_ids) == len(every_image)
             assert not set(subset.image_ids) & outside
             rows = np.flatnonzero(np.isin(train.image_ids, subset.image_ids))
-            assert torch.equal(subset.features, train.features[rows]) and torch.equal(subset.labels, train.labels[rows])
+            assert torch.equal(subset.features, train.features[rows])
+            torch.testing.assert_close(subset.labels, train.labels[rows], rtol=0, atol=0, equal_nan=True)
+            assert all(np.array_equal(subset.metadata[key], train.metadata[key][rows], equal_nan=key == "age")
+                       for key in train.metadata)
         drawn[seed] = patients[0.1]
     assert drawn[0] != drawn[1]  # each repeat draws its own patients
     assert patients_kept(0.07, 100) == 7 and patients_kept(0.071, 100) == 8 and patients_kept(1.0, 100) == 100
@@ -109,14 +114,18 @@ def test_every_number_is_recomputed_from_the_saved_predictions_and_seeds(efficie
     assert len(table) == 6 * 14 and list(table.columns[:5]) == ["fraction", "repeat", "seed", "n_train_images",
                                                                 "n_train_patients"]
     train = load_head_data(planted_cache).train
+    written = cache.read_table(planted_cache)  # labels as the cache holds them: 1, 0, 255 unknown
     for (fraction, repeat, seed), rows in table.groupby(["fraction", "repeat", "seed"]):
         subset = train_subsets(train, fractions=[fraction], seed=seed)[fraction]  # redrawn from the recorded seed
         assert (rows["n_train_images"] == len(subset)).all()
-        assert rows["n_train_positives"].tolist() == (subset.labels == 1).sum(dim=0).tolist()
+        in_subset = np.isin(written["image_id"], subset.image_ids)
+        assert rows["n_train_positives"].tolist() == (written["labels"][in_subset] == 1).sum(axis=0).tolist()
         for split in ("val", "test"):
             predictions = pd.read_csv(out / "predictions" / f"f{fraction:g}-r{repeat}_{split}.csv")
             for row in rows.itertuples():
-                labels, probabilities = predictions[f"label_{row[6]}"], predictions[f"prob_{row[6]}"]
+                known = predictions[f"label_{row[6]}"].notna()
+                assert not known.all()  # some labels are unknown: written as empty cells
+                labels, probabilities = predictions[f"label_{row[6]}"][known], predictions[f"prob_{row[6]}"][known]
                 saved = getattr(row, f"{split}_auc")
                 if labels.nunique() < 2:
                     assert np.isnan(saved)
