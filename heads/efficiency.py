@@ -53,7 +53,7 @@ from cache.runtime import versions
 from heads.data import HeadsError, Split, scoring_warnings
 from heads.estimator import Head, HeadGrid
 from heads.metrics import auc_per_class, confidence_intervals, mean_auc
-from heads.report import figure_title, write_predictions
+from heads.report import _write_json, figure_title, write_predictions
 from heads.training import run_config
 
 if TYPE_CHECKING:
@@ -285,8 +285,8 @@ def write_efficiency(partial: Path, *, fits: list, data, grid: list, cache_path,
                                                    "of two efficiency runs gives paired patient-bootstrap CIs"}
     metrics = {"fits": [fit_record(fit, data=data) for fit in fits],
                "summary": json.loads(summary.to_json(orient="records"))}
-    (partial / "config.json").write_text(json.dumps(config, indent=2, default=_plain) + "\n")
-    (partial / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_plain) + "\n")
+    _write_json(partial / "config.json", config)  # the run writer's JSON rules (numpy, tensors, paths)
+    _write_json(partial / "metrics.json", metrics)
     table.to_csv(partial / "efficiency.csv", index=False, float_format="%.6g")
     (partial / "efficiency.md").write_text(f"# Label efficiency\n\n{format_summary(summary)}\n")
     plot_efficiency(partial / "efficiency.png", summary, config=config, official_nih=data.official_nih)
@@ -319,16 +319,6 @@ def fit_record(fit: Fit, *, data) -> dict:
             "class_weights": fit.estimator.class_weights_used(),
             "val_mean_auc": mean_auc(fit.val_aucs), "test_mean_auc": mean_auc(fit.test_aucs),
             "predictions": {split: f"{PREDICTIONS}/{fit.stem}_{split}.csv" for split in ("val", "test")}}
-
-
-def _plain(value):
-    if isinstance(value, (np.generic, torch.Tensor)):
-        return value.tolist() if getattr(value, "ndim", 0) else value.item()
-    if isinstance(value, (np.ndarray, tuple)):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def plot_efficiency(path, summary: pd.DataFrame, *, config: dict, official_nih: bool) -> None:
