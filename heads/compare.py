@@ -8,6 +8,7 @@ reference with a paired-bootstrap CI, DeLong's test and Holm-adjusted p-values.
 
 The reference defaults to the run with the best VALIDATION mean AUC. Each run is shown by a
 short label: --label NAME=RUN_DIR, else its folder name. Outputs: see heads/comparison.py.
+Label-efficiency runs (heads.train --train-fraction) are compared per fraction: heads/efficiency.py.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from cache.runtime import versions
 from heads.cli import BOOTSTRAP_VALID
 from heads.comparison import CompareError, check_same_test_rows, choose_reference, compare_runs, label_runs, load_run
 from heads.comparison_report import format_terminal, write_comparison
+from heads.efficiency import compare_efficiency_runs, efficiency_comparison
 
 
 def get_args_parser(add_help=True):
@@ -64,6 +66,8 @@ def main(args) -> int:
         if len(names) < 2:
             raise CompareError("give at least two different run directories to compare")
         check_out_dir(out, kind="comparison", overwrite=args.overwrite)  # before reading any run
+        if efficiency_comparison(names):  # label-efficiency runs: paired per fraction (heads/efficiency.py)
+            return compare_efficiency_runs(names, args=args, out=out)
         runs, reference, reason = _read_runs(names, args)
         partial = prepare_out_dir(out, kind="comparison", overwrite=args.overwrite)
     except (CompareError, OutDirError) as err:

@@ -49,6 +49,15 @@ SETTINGS = (
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 DEFAULTS = {setting.name: setting.default for setting in SETTINGS}
 
+# Label efficiency (heads.train --train-fraction, heads/efficiency.py): settings of the run, not
+# of a head, so they stay out of SETTINGS (and out of every head's settings and the search).
+TRAIN_FRACTION = Setting("train_fraction", None, "comma list of shares of the train split's patients to train "
+                         "on, each once (e.g. 0.01,0.1,0.25,1); writes a label-efficiency run",
+                         valid=Valid(0.0, 1.0, low_open=True))
+# each repeat fits one head (or grid) per fraction; the bound keeps a typo from queueing days of fits
+REPEATS = Setting("repeats", 1, "repeats of --train-fraction, each with its own patient order and head seed",
+                  valid=Valid(1, 1000))
+
 
 def option(setting: Setting) -> str:
     return f"--{setting.name.replace('_', '-')}"
@@ -92,6 +101,25 @@ def add_setting_args(parser: argparse.ArgumentParser, *, searched: bool = True, 
                            default=setting.default,
                            metavar=setting.name.upper() if setting.choices is None else "{" + ",".join(setting.choices) + "}",
                            help=f"{setting.help} (default: {setting.default}{allowed}{searched_in}{listed})")
+
+
+def parse_fractions(text: str) -> tuple:
+    """--train-fraction as argparse `type=`: a comma list of shares in TRAIN_FRACTION's range,
+    each given once, in increasing order."""
+    fractions = [parse_number(part.strip(), kind=float, valid=TRAIN_FRACTION.valid) for part in text.split(",")]
+    if len(set(fractions)) < len(fractions):
+        raise argparse.ArgumentTypeError(f"{text!r} lists a fraction twice; give each once")
+    return tuple(sorted(fractions))
+
+
+def add_efficiency_args(parser: argparse.ArgumentParser) -> None:
+    """--train-fraction and --repeats (heads/efficiency.py)."""
+    group = parser.add_argument_group("label efficiency (heads/efficiency.py)")
+    group.add_argument(option(TRAIN_FRACTION), type=parse_fractions, default=None, metavar="F[,F...]",
+                       help=f"{TRAIN_FRACTION.help} (default: off; allowed {TRAIN_FRACTION.valid.describe()})")
+    group.add_argument(option(REPEATS), type=value_parser(REPEATS, grid=False), default=None,
+                       metavar="N", help=f"{REPEATS.help} (default: {REPEATS.default}; allowed "
+                                         f"{REPEATS.valid.describe()}; needs --train-fraction)")
 
 
 def describe_space(space: tuple) -> str:
