@@ -52,9 +52,14 @@ def main(args) -> int:
     except (CompareError, OutDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    runs, unreadable = read_runs(find_runs(folder))
+    found = find_runs(folder)
+    # a label-efficiency run holds one head per fraction and repeat, not one test score
+    efficiency = [path for path in found if (path / "efficiency.csv").is_file()]
+    runs, unreadable = read_runs([path for path in found if path not in efficiency])
     table = runs_table(runs, root=folder)
     print(format_table(table, runs) if runs else f"no runs under {folder}")
+    for path in efficiency:
+        print(f"label-efficiency run (efficiency.md; heads.compare compares two per fraction): {path}")
     for message in unreadable:
         print(f"unreadable: {message}")
     if args.csv:
