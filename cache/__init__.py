@@ -16,7 +16,8 @@ reader's order (NIH: sorted by image id); D = feature_dim (2048 for ResNet50); C
     error       (N,)   UTF-8 string    "" or why the image could not be embedded
     metadata/   per-row metadata (v2: always; v1: see below), missing = the value given:
       sex       (N,)   UTF-8 string    "M" | "F" | "" (not published, or another value)
-      age       (N,)   float32         years at the study; NaN (not published, garbled, 0 or > 120)
+      age       (N,)   float32         years at the study; NaN (not published, or implausible by
+                                       the reader's documented rule, e.g. above 120)
       view      (N,)   UTF-8 string    "PA" | "AP" | "LATERAL" | the dataset's own spelling | ""
       study_id  (N,)   UTF-8 string    the study / follow-up the image belongs to; ""
 
@@ -58,10 +59,12 @@ timm / transformers / torchxrayvision when the encoder used them.
 Invariants every reader checks (`check_readable`, also run by `python -m cache verify`):
 schema_version is 1 or 2; every dataset (v2: and the metadata group), every fingerprinted
 attribute and the fingerprint are present; the fingerprint matches; every row dataset (and each
-metadata dataset, in whichever version holds the group) has N rows and `features` is (N, feature_dim) of feature_dtype; labels are 0/1 (v2: or 255); split
-names are train/val/test; no patient is in two splits. The heads' readers also refuse a cache
-with unknown labels (check_readable's default) until they can leave them out.
-`verify` also checks that every done row's features are finite.
+metadata dataset, in whichever version holds the group) has N rows and `features` is
+(N, feature_dim) of feature_dtype; labels are 0/1 (v2: or 255); split names are
+train/val/test; no patient is in two splits. The heads' readers also refuse a cache with
+unknown labels (check_readable's default) until they can leave them out.
+`verify` also checks that every done row's features are finite, and that metadata/sex holds
+only "M", "F" or "" and metadata/age no infinite value.
 
 Crash safety: the HDF5 file is never modified in place. Extraction appends finished batches
 to small part files in `<cache>.parts/`; merging copies the file, writes the parts into the

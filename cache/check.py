@@ -120,6 +120,8 @@ def find_problems(path, *, block_rows: int = 8192, scan_features: bool = True) -
         pending_part_rows(path)  # a damaged part file would stop the next extract
     except CacheError as err:
         problems.append(str(err))
+    if not problems:  # a group with a dataset missing or cut short is already reported
+        problems += _metadata_problems(path)
     if not scan_features:
         return problems
     try:
@@ -127,6 +129,22 @@ def find_problems(path, *, block_rows: int = 8192, scan_features: bool = True) -
     except CacheError:  # already reported as a missing dataset or attribute
         return problems
     return problems + _feature_problems(path, done, dim, block_rows)
+
+
+def _metadata_problems(path) -> list[str]:
+    """Values outside the metadata contract: a sex other than "M"/"F"/"", an infinite age
+    (missing is NaN; which ages are plausible is each reader's documented rule). Left to
+    `verify`: readers need not decode the strings."""
+    metadata = read_metadata(path)
+    if metadata is None:
+        return []
+    problems = []
+    odd_sex = sorted(set(metadata["sex"]) - {"M", "F", ""})
+    if odd_sex:
+        problems.append(f"metadata/sex holds values other than M/F/\"\": {odd_sex[:5]}")
+    if np.isinf(metadata["age"]).any():
+        problems.append(f"metadata/age holds {int(np.isinf(metadata['age']).sum())} infinite values; missing is NaN")
+    return problems
 
 
 def structural_problems(path) -> list[str]:

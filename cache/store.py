@@ -190,7 +190,8 @@ def add_metadata(path, table: dict) -> None:
         if METADATA in f:
             return
         stored_ids = _decoded(f["image_id"][()])
-    if len(stored_ids) != len(table["image_id"]) or not np.array_equal(stored_ids, np.asarray(table["image_id"], dtype=object)):
+    given_ids = np.asarray(table["image_id"], dtype=object)
+    if len(stored_ids) != len(given_ids) or not np.array_equal(stored_ids, given_ids):
         raise CacheError(f"{path}: its rows differ from the ones the label CSV gives now, so its metadata cannot be "
                          f"added; extract a new cache")
     need = path.stat().st_size + (1 << 16) + 64 * len(stored_ids)

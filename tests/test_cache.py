@@ -182,6 +182,17 @@ def test_a_version_1_metadata_group_is_checked_like_version_2s(tmp_path, tamper,
         cache.check_readable(path)
 
 
+@pytest.mark.parametrize("column, value, problem", [
+    ("sex", "male", "metadata/sex holds values other than M/F/\"\": ['male']"),
+    ("age", np.inf, "metadata/age holds 1 infinite values; missing is NaN"),
+])
+def test_verify_finds_metadata_values_outside_the_contract(tmp_path, column, value, problem):
+    path = tmp_path / "c.h5"
+    _make_v1(path, **{**METADATA, column: np.concatenate([[value], METADATA[column][1:]]).astype(METADATA[column].dtype)})
+    assert find_problems(path) == [problem]
+    cache.check_readable(path)  # readers do not decode the metadata strings
+
+
 def test_info_shows_each_metadata_column_and_how_many_rows_miss_it(tmp_path):
     _make_v1(tmp_path / "new.h5", **METADATA)
     lines = describe(tmp_path / "new.h5").splitlines()

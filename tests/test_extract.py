@@ -52,7 +52,8 @@ def test_an_nih_cache_records_the_label_csvs_sex_age_view_and_follow_up(extracte
     csv = csv.loc[table["image_id"]]
     assert list(metadata["sex"]) == list(csv["Patient Gender"]) and set(metadata["sex"]) == {"M", "F"}
     np.testing.assert_array_equal(metadata["age"], csv["Patient Age"].astype(np.float32))
-    assert list(metadata["view"]) == list(csv["View Position"]) and list(metadata["study_id"]) == list(csv["Follow-up #"])
+    assert list(metadata["view"]) == list(csv["View Position"])
+    assert list(metadata["study_id"]) == list(csv["Follow-up #"])
     assert cache.read_attrs(extracted_cache)["schema_version"] == 1
 
 

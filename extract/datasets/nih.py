@@ -15,8 +15,8 @@ import pandas as pd
 
 from cache.schema import CLASSES, TEST, TRAIN, VAL
 from extract.datasets import register
-from extract.datasets.table import (MAX_AGE, DatasetError, Options, assert_patient_disjoint, choose_patients, file_sha256,
-                                    make_rows)
+from extract.datasets.table import (MAX_AGE, DatasetError, Options, assert_patient_disjoint, choose_patients,
+                                    file_sha256, make_rows)
 
 NO_FINDING = "No Finding"
 # The v2020 file first: it fixes 181 labels of the 2017 one that many mirrors still serve.
