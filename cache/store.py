@@ -170,14 +170,15 @@ def read_metadata(path) -> dict | None:
 
 def no_metadata_reason(path) -> str:
     """One line for a cache whose `read_metadata` is None: why, and how to add the group."""
-    return (f"{path} holds no per-row metadata (sex, age, view, follow-up): it was made before extract "
-            f"recorded them; rerun the extract command that made it (same --data-dir, --cache and settings), "
-            f"which adds them from its label CSV ({_source_csv_name(path)}, sha256 checked) and embeds no image again")
+    return (f"{path} holds no per-row metadata (sex, age, view, follow-up); extract records them in every cache "
+            f"it makes now: for one it made before, rerun the extract command that made it (same --data-dir, --cache "
+            f"and settings), which adds them from its label CSV ({_source_csv_name(path) or 'none recorded'}, sha256 "
+            f"checked) and embeds no image again")
 
 
 def _source_csv_name(path) -> str:
     with open_cache(path) as f:
-        return str(_plain(f.attrs.get("source_csv", "the label CSV")))
+        return str(_plain(f.attrs.get("source_csv", "")))
 
 
 def add_metadata(path, table: dict) -> None:

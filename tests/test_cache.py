@@ -203,6 +203,7 @@ def test_info_shows_each_metadata_column_and_how_many_rows_miss_it(tmp_path):
     _make_v1(tmp_path / "old.h5")
     text = describe(tmp_path / "old.h5")
     assert "metadata: none" in text and "rerun the extract command that made it" in text
+    assert cache.no_metadata_reason(tmp_path / "old.h5") in text
 
 
 def test_add_metadata_gives_an_old_cache_its_group_and_changes_nothing_else(tmp_path):
