@@ -104,12 +104,11 @@ def add_header_metadata(rows: dict, data_dir, *, threads: int = 8) -> tuple[dict
     paths = [Path(data_dir) / path for path in rows["path"]]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         headers = list(pool.map(dicom.header_metadata, paths))
-    unread = [index for index, header in enumerate(headers) if header is None]
     filled = [header or ("", np.nan, "") for header in headers]
     rows = dict(rows, sex=np.array([h[0] for h in filled], dtype=object),
                 age=np.array([h[1] for h in filled], dtype=np.float32),
                 view=np.array([h[2] for h in filled], dtype=object))
-    return rows, len(unread)
+    return rows, sum(header is None for header in headers)
 
 
 def _with_hint(err: DatasetError, *, name: str, data_dir: Path) -> DatasetError:
