@@ -14,9 +14,10 @@ reader's order (NIH: sorted by image id); D = feature_dim (2048 for ResNet50); C
     features    (N, D) float16|float32 pooled backbone embedding; NaN until the row is done
     done        (N,)   bool            true where `features` holds the row's embedding
     error       (N,)   UTF-8 string    "" or why the image could not be embedded
-    metadata/   (v2 only) per-row metadata, missing = the value given:
-      sex       (N,)   UTF-8 string    "M" | "F" | "" (not published)
-      age       (N,)   float32         years at the study; NaN (not published)
+    metadata/   per-row metadata (v2: always; v1: see below), missing = the value given:
+      sex       (N,)   UTF-8 string    "M" | "F" | "" (not published, or another value)
+      age       (N,)   float32         years at the study; NaN (not published, or implausible by
+                                       the reader's documented rule, e.g. above 120)
       view      (N,)   UTF-8 string    "PA" | "AP" | "LATERAL" | the dataset's own spelling | ""
       study_id  (N,)   UTF-8 string    the study / follow-up the image belongs to; ""
 
@@ -31,6 +32,16 @@ fingerprint_keys(schema_version)}, sort_keys=True)` (FINGERPRINT_KEYS, plus V2_K
 over every setting that decides which rows exist, what their labels mean and what their
 features are. A cache whose settings name a `dataset` is written as version 2, else version 1
 (NIH caches are unchanged). Class names map onto the shared vocabulary of cache/vocabulary.py.
+
+The metadata group is outside the fingerprint (it decides no row, label or feature), so a
+version-1 cache may hold it or not with the same fingerprint: `extract` writes it into every
+new NIH cache (Patient Gender, Patient Age, View Position, Follow-up # of the label CSV), and
+a rerun of the extract command that made an older NIH cache adds it (`add_metadata`: the same
+settings, so the same CSV by its fingerprinted sha256 and the same rows, checked; written into
+a copy that atomically replaces the file; no row embedded again). `read_metadata` is None for
+a version-1 cache without it, and `no_metadata_reason` is the one line that says so and what to
+run; a version-2 cache without it is damaged. VinDr, RSNA and SIIM take sex, age and view from
+the DICOM headers (extract/datasets `add_header_metadata`), read once as the cache is created.
 
 `preprocessing` (JSON, `Encoder.recipe()` in extract/encoders/base.py) is the image-to-feature
 recipe: decode (how a PNG becomes gray in [0, 1]), resize (size, interpolation; whole image,
@@ -47,11 +58,13 @@ timm / transformers / torchxrayvision when the encoder used them.
 
 Invariants every reader checks (`check_readable`, also run by `python -m cache verify`):
 schema_version is 1 or 2; every dataset (v2: and the metadata group), every fingerprinted
-attribute and the fingerprint are present; the fingerprint matches; every row dataset has N
-rows and `features` is (N, feature_dim) of feature_dtype; labels are 0/1 (v2: or 255); split
-names are train/val/test; no patient is in two splits. The heads' readers also refuse a cache
-with unknown labels (check_readable's default) until they can leave them out.
-`verify` also checks that every done row's features are finite.
+attribute and the fingerprint are present; the fingerprint matches; every row dataset (and each
+metadata dataset, in whichever version holds the group) has N rows and `features` is
+(N, feature_dim) of feature_dtype; labels are 0/1 (v2: or 255); split names are
+train/val/test; no patient is in two splits. The heads' readers also refuse a cache with
+unknown labels (check_readable's default) until they can leave them out.
+`verify` also checks that every done row's features are finite, and that metadata/sex holds
+only "M", "F" or "" and metadata/age no infinite value.
 
 Crash safety: the HDF5 file is never modified in place. Extraction appends finished batches
 to small part files in `<cache>.parts/`; merging copies the file, writes the parts into the
@@ -75,11 +88,13 @@ from cache.store import (
     CacheError,
     DiskFull,
     PartWriter,
+    add_metadata,
     compute_fingerprint,
     create_cache,
     exclusive_lock,
     fingerprint_keys,
     merge_parts,
+    no_metadata_reason,
     pending_part_rows,
     read_attrs,
     read_features,
@@ -100,6 +115,8 @@ __all__ = [
     "V2_KEYS",
     "fingerprint_keys",
     "read_metadata",
+    "no_metadata_reason",
+    "add_metadata",
     "DEFAULT_CACHE",
     "FINGERPRINT_KEYS",
     "SCHEMA_VERSION",

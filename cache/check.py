@@ -10,7 +10,7 @@ from cache import vocabulary
 from cache.schema import SPLITS, TEST, TRAIN, UNKNOWN, VAL
 from cache.store import (
     METADATA, METADATA_DATASETS, READABLE_VERSIONS, ROW_DATASETS, CacheError, compute_fingerprint,
-    fingerprint_keys, open_cache, pending_part_rows, read_attrs, read_table,
+    fingerprint_keys, no_metadata_reason, open_cache, pending_part_rows, read_attrs, read_metadata, read_table,
 )
 
 
@@ -32,7 +32,7 @@ def describe(path) -> str:
         if isinstance(value, (dict, list)):
             value = json.dumps(value)
         lines.append(f"  {key:<19} {value}")
-    lines += ["", _split_counts(table), "", _class_counts(table, attrs["classes"])]
+    lines += ["", _split_counts(table), "", _class_counts(table, attrs["classes"]), "", _metadata_counts(path)]
     lines += ["", f"shared label vocabulary ({attrs.get('dataset', 'nih')}'s names -> shared names, cache/vocabulary.py):"]
     lines += [f"  {line}" for line in vocabulary.describe(attrs.get("dataset", "nih"), attrs["classes"])]
     pending = pending_part_rows(path)
@@ -64,6 +64,27 @@ def _class_counts(table, classes) -> str:
     normal = (table["labels"] == 0).all(axis=1)
     lines.append(f"{'(no finding)':<{width}} " + " ".join(
         f"{int((normal & (table['split'] == s)).sum()):>7}" for s in SPLITS))
+    return "\n".join(lines)
+
+
+def _metadata_counts(path) -> str:
+    """The metadata group's columns, how many rows miss each, and their commonest values."""
+    metadata = read_metadata(path)
+    if metadata is None:
+        return f"metadata: none ({no_metadata_reason(path)})"
+    n_rows = len(metadata["age"])
+    lines = [f"{'metadata':<12} {'missing':>7}  values   ({METADATA}/, {n_rows} rows; missing = \"\" or NaN)"]
+    for name in METADATA_DATASETS:
+        values = metadata[name]
+        if name == "age":
+            known = values[~np.isnan(values)]
+            missing, seen = n_rows - len(known), (f"{known.min():g} to {known.max():g} years" if len(known) else "")
+        else:
+            missing = int((values == "").sum())
+            names, counts = np.unique(values[values != ""], return_counts=True)
+            order = np.argsort(-counts, kind="stable")[:4]
+            seen = ", ".join(f"{names[i]} {counts[i]}" for i in order) + (", ..." if len(names) > 4 else "")
+        lines.append(f"  {name:<10} {missing:>7}  {seen}")
     return "\n".join(lines)
 
 
@@ -99,6 +120,8 @@ def find_problems(path, *, block_rows: int = 8192, scan_features: bool = True) -
         pending_part_rows(path)  # a damaged part file would stop the next extract
     except CacheError as err:
         problems.append(str(err))
+    if not problems:  # a group with a dataset missing or cut short is already reported
+        problems += _metadata_problems(path)
     if not scan_features:
         return problems
     try:
@@ -108,20 +131,37 @@ def find_problems(path, *, block_rows: int = 8192, scan_features: bool = True) -
     return problems + _feature_problems(path, done, dim, block_rows)
 
 
+def _metadata_problems(path) -> list[str]:
+    """Values outside the metadata contract: a sex other than "M"/"F"/"", an infinite age
+    (missing is NaN; which ages are plausible is each reader's documented rule). Left to
+    `verify`: readers need not decode the strings."""
+    metadata = read_metadata(path)
+    if metadata is None:
+        return []
+    problems = []
+    odd_sex = sorted(set(metadata["sex"]) - {"M", "F", ""})
+    if odd_sex:
+        problems.append(f"metadata/sex holds values other than M/F/\"\": {odd_sex[:5]}")
+    if np.isinf(metadata["age"]).any():
+        problems.append(f"metadata/age holds {int(np.isinf(metadata['age']).sum())} infinite values; missing is NaN")
+    return problems
+
+
 def structural_problems(path) -> list[str]:
     """Problems found without reading `features`; CacheError if `path` is no cache at all."""
     with open_cache(path) as f:
         missing_data = [name for name in (*ROW_DATASETS, "features") if name not in f]
         version = f.attrs.get("schema_version")
-        if version == 2:
+        has_metadata = METADATA in f  # required in version 2; optional (caches made before it) in version 1
+        if version == 2 or has_metadata:
             missing_data += [f"{METADATA}/{name}" for name in METADATA_DATASETS
-                             if METADATA not in f or name not in f[METADATA]]
+                             if not has_metadata or name not in f[METADATA]]
         missing_attrs = [key for key in (*fingerprint_keys(version), "fingerprint") if key not in f.attrs]
         if missing_data or missing_attrs:
             return [f"{kind} missing: {names}" for kind, names in
                     (("datasets", missing_data), ("attributes", missing_attrs)) if names]
         shapes = {name: f[name].shape for name in (*ROW_DATASETS, "features")}
-        if version == 2:
+        if has_metadata:
             shapes.update({f"{METADATA}/{name}": f[METADATA][name].shape for name in METADATA_DATASETS})
         feature_dtype = str(f["features"].dtype)
     attrs = read_attrs(path)

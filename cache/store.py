@@ -31,7 +31,7 @@ FINGERPRINT_KEYS = (
 # Version 2 also fingerprints the reader and every label policy ("n/a" where one does not apply).
 V2_KEYS = ("dataset", "views", "uncertain", "raters", "label_method")
 ROW_DATASETS = ("image_id", "patient_id", "labels", "split", "done", "error")
-METADATA = "metadata"  # version 2's group of per-row metadata
+METADATA = "metadata"  # the group of per-row metadata: required in version 2, optional in version 1
 METADATA_DATASETS = ("sex", "age", "view", "study_id")
 _STR = h5py.string_dtype("utf-8")
 # Rows per HDF5 chunk: a 128 x 2048 float16 chunk is 512 KiB, large enough for fast whole
@@ -99,7 +99,8 @@ def create_cache(path, *, table: dict, feature_dim: int, feature_dtype: str, att
     and split arrays; `attrs` the settings (the fingerprint is added here). Settings that name
     a `dataset` make a version-2 cache (string patient ids, UNKNOWN labels, the metadata group
     from the table's sex/age/view/study_id); without one the cache is version 1, as NIH caches
-    have always been."""
+    have always been, with the metadata group when the table has any of those columns (the
+    group is outside the fingerprint, so the rows and their fingerprint are what they were)."""
     path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n_rows = len(table["image_id"])
@@ -121,6 +122,7 @@ def create_cache(path, *, table: dict, feature_dim: int, feature_dtype: str, att
             else:
                 f.create_dataset("patient_id", data=np.asarray([str(p) for p in table["patient_id"]], dtype=object),
                                  dtype=_STR)
+            if version == 2 or any(name in table for name in METADATA_DATASETS):
                 _write_metadata(f, table, n_rows)
             f.create_dataset("labels", data=np.asarray(table["labels"], dtype=np.uint8))
             f.create_dataset("split", data=np.asarray(table["split"], dtype=object), dtype=_STR)
@@ -149,9 +151,12 @@ def _write_metadata(f: h5py.File, table: dict, n_rows: int) -> None:
 
 
 def read_metadata(path) -> dict | None:
-    """A version-2 cache's per-row sex, age, view and study_id; None for a version-1 cache."""
+    """The cache's per-row sex, age, view and study_id (missing: "", NaN, "", ""); None for a
+    version-1 cache made before the group was written (`no_metadata_reason` says what to do)."""
     with open_cache(path) as f:
         if METADATA not in f:
+            if f.attrs.get("schema_version") == 2:
+                raise _damaged(path, f"the {METADATA} group is missing")
             return None
         group = f[METADATA]
         missing = [name for name in METADATA_DATASETS if name not in group]
@@ -161,6 +166,45 @@ def read_metadata(path) -> dict | None:
     for name in ("sex", "view", "study_id"):
         metadata[name] = _decoded(metadata[name])
     return metadata
+
+
+def no_metadata_reason(path) -> str:
+    """One line for a cache whose `read_metadata` is None: why, and how to add the group."""
+    return (f"{path} holds no per-row metadata (sex, age, view, follow-up); extract records them in every cache "
+            f"it makes now: for one it made before, rerun the extract command that made it (same --data-dir, --cache "
+            f"and settings), which adds them from its label CSV ({_source_csv_name(path) or 'none recorded'}, sha256 "
+            f"checked) and embeds no image again")
+
+
+def _source_csv_name(path) -> str:
+    with open_cache(path) as f:
+        return str(_plain(f.attrs.get("source_csv", "")))
+
+
+def add_metadata(path, table: dict) -> None:
+    """Give a version-1 cache made before the metadata group its group, from `table` (the rows
+    the same settings read again: same image ids in the same order, else CacheError). The
+    caller holds `exclusive_lock(path)`; like a merge, the group is written into a copy that
+    replaces the cache atomically, so a kill leaves the old file or the new one."""
+    path = real_path(path)
+    with open_cache(path) as f:
+        if METADATA in f:
+            return
+        stored_ids = _decoded(f["image_id"][()])
+    given_ids = np.asarray(table["image_id"], dtype=object)
+    if len(stored_ids) != len(given_ids) or not np.array_equal(stored_ids, given_ids):
+        raise CacheError(f"{path}: its rows differ from the ones the label CSV gives now, so its metadata cannot be "
+                         f"added; extract a new cache")
+    need = path.stat().st_size + (1 << 16) + 64 * len(stored_ids)
+    if shutil.disk_usage(path.parent).free < need:
+        raise disk_full_error(path, where=path.parent, doing="adding the metadata group", need=need)
+    tmp = path.with_name(path.name + ".metadata")
+    with _removed_on_failure(tmp, cache=path, doing="adding the metadata group"):
+        shutil.copyfile(path, tmp)
+        _reserve(tmp, need)
+        with h5py.File(tmp, "r+") as f:
+            _write_metadata(f, table, len(stored_ids))
+        _durable_replace(tmp, path)
 
 
 def _decoded(values) -> np.ndarray:

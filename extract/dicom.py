@@ -9,16 +9,27 @@ converted a few rows at a time in float32, never as a float64 copy of the whole 
 VOI LUT *sequence*, rare in chest X-rays, goes through pydicom, which does make one).
 Pixel data in a compressed transfer syntax whose decoder plugin is missing is a failed row
 whose reason names the packages to install.
+
+`header_metadata` reads a file's PatientSex, PatientAge and ViewPosition for the cache's
+metadata group (VinDr, RSNA and SIIM publish them nowhere else).
 """
 from __future__ import annotations
+
+import math
+import re
 
 import numpy as np
 import torch
 
+from extract.datasets.table import MAX_AGE
 from extract.images import ImageError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _CONVERT_ROWS = 256
+# PatientAge is "nnnD|W|M|Y" (DICOM's AS); RSNA's and SIIM's files write bare years ("51").
+_AGE = re.compile(r"^(\d{1,3})\s*([DWMY]?)$")
+_YEARS_PER_UNIT = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0, "": 1.0}
+HEADER_TAGS = ("PatientSex", "PatientAge", "ViewPosition")
 _PLUGINS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
 
 
@@ -107,3 +118,28 @@ def _finish(values: np.ndarray, *, low: float, high: float, invert: bool, slope:
         scaled = np.clip((block - np.float32(low)) / np.float32(span), 0, 1) * 255
         out[start:start + _CONVERT_ROWS] = np.rint(255 - scaled if invert else scaled).astype(np.uint8)
     return out
+
+
+def header_metadata(path) -> tuple[str, float, str] | None:
+    """(sex "M"/"F"/"", age in years or NaN, view as written upper-cased or "") from the file's
+    header, the pixel data never read; None when the header cannot be read at all (not DICOM,
+    truncated, missing, no pydicom): the caller records every value as missing."""
+    try:
+        import pydicom
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+        values = [str(header.get(tag, "") or "").strip().upper() for tag in HEADER_TAGS]
+    except Exception:  # pydicom raises many types for a damaged file; any of them means "unread" here
+        return None
+    sex, age, view = values
+    return (sex if sex in ("M", "F") else ""), dicom_age_years(age), view
+
+
+def dicom_age_years(text: str) -> float:
+    """PatientAge in years: "045Y" 45, "006M" 0.5, "51" 51 (a bare number is years); NaN for
+    anything else, for a zero age (anonymisers write "000Y"; an infant's age is written in
+    months or days) and for one above MAX_AGE."""
+    match = _AGE.match(text.strip().upper())
+    if not match:
+        return math.nan
+    years = int(match[1]) * _YEARS_PER_UNIT[match[2]]
+    return years if 0 < years <= MAX_AGE else math.nan

@@ -133,7 +133,8 @@ def _extract(args) -> int:
             if os.path.exists(cache_path):  # refuse before making a .lock beside it; again once locked
                 refuse_other_settings(cache_path, settings)
             held.enter_context(cache.exclusive_lock(cache_path))
-            prepare_cache(cache_path, table=table, settings=settings)
+            prepare_cache(cache_path, table=table, settings=settings, data_dir=args.data_dir,
+                          header_metadata=datasets.get(args.dataset).header_metadata)
 
         ranks.run_on_rank0_first(lock_and_prepare)
         stored = cache.read_table(cache_path)
@@ -151,13 +152,15 @@ def _extract(args) -> int:
 
 def load_rows(args) -> tuple[dict, dict]:
     """The rows the cache will hold and their provenance. NIH read as it always was (a version-1
-    cache, byte for byte) unless --views asks for the registry's view filter; every other
+    cache: the same rows, labels, splits and fingerprint, now with the optional metadata group)
+    unless --views asks for the registry's view filter; every other
     dataset through its registered reader (a version-2 cache), which also refuses the options
     it does not use."""
     registry_only = (args.views, args.uncertain, args.raters, args.label_method)
     if args.dataset == "nih" and all(option is None for option in registry_only):
         return nih.load_dataset(args.data_dir, val_fraction=args.val_fraction, seed=args.split_seed,
-                                random_split=args.random_split, labels_csv=args.labels_csv, val_list=args.val_list)
+                                random_split=args.random_split, labels_csv=args.labels_csv, val_list=args.val_list,
+                                with_metadata=True)
     options = Options(views=parse_views(args.views) if args.views is not None else None, uncertain=args.uncertain,
                       raters=args.raters, label_method=args.label_method, labels_csv=args.labels_csv,
                       val_list=args.val_list, random_split=args.random_split, val_fraction=args.val_fraction,
@@ -221,10 +224,17 @@ def _extra_versions() -> dict:
     return found
 
 
-def prepare_cache(path, *, table: dict, settings: dict) -> None:
+def prepare_cache(path, *, table: dict, settings: dict, data_dir=None, header_metadata: bool = False) -> None:
     """Create the cache, or check that the existing one was made with the same settings, and
-    fold in any part files a killed run left behind."""
+    fold in any part files a killed run left behind. header_metadata: fill sex, age and view
+    from the DICOM headers before creating (once per cache; see datasets.add_header_metadata).
+    A version-1 cache made before the metadata group gets it from `table` (no image is embedded
+    again: the rows and fingerprint are the ones the same settings give)."""
     if not os.path.exists(path):
+        if header_metadata:
+            table, unread = datasets.add_header_metadata(table, data_dir)
+            print(f"metadata: read {len(table['image_id']) - unread} DICOM headers"
+                  + (f"; {unread} unreadable (their sex, age and view are missing)" if unread else ""))
         cache.create_cache(path, table=table, feature_dim=settings["feature_dim"],
                            feature_dtype=settings["feature_dtype"], attrs=settings)
         return
@@ -232,6 +242,9 @@ def prepare_cache(path, *, table: dict, settings: dict) -> None:
     merged = cache.merge_parts(path)
     if merged:
         print(f"merged {merged} rows that an interrupted run left in part files")
+    if "sex" in table and cache.read_metadata(path) is None:
+        cache.add_metadata(path, table)
+        print(f"added the per-row metadata (sex, age, view, follow-up) from {settings.get('source_csv')} to {path}")
 
 
 def refuse_other_settings(path, settings: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,10 @@ def write_png(path, *, bits: int = 8, size: int = 16, seed: int = 0) -> None:
         Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(path)
 
 
-def write_dicom(path, *, size: int = 16, seed: int = 0, monochrome1: bool = False) -> None:
+def write_dicom(path, *, size: int = 16, seed: int = 0, monochrome1: bool = False, **header) -> None:
     """A small uncompressed 12-bit DICOM when pydicom is installed; else a placeholder file
-    (the readers only locate images; decoding is the embed step's)."""
+    (the readers only locate images; decoding is the embed step's). `header`: more fields,
+    e.g. PatientSex="F", PatientAge="045Y", ViewPosition="PA"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not HAVE_PYDICOM:
@@ -52,7 +54,30 @@ def write_dicom(path, *, size: int = 16, seed: int = 0, monochrome1: bool = Fals
     dataset.SamplesPerPixel, dataset.PixelRepresentation = 1, 0
     dataset.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
     dataset.PixelData = pixels.tobytes()
+    with warnings.catch_warnings():  # pydicom warns about the deliberately garbled values
+        warnings.simplefilter("ignore", UserWarning)
+        for key, value in header.items():
+            setattr(dataset, key, value)
     dataset.save_as(str(path), enforce_file_format=True)
+
+
+# Header values as the real files write them, garbled and missing ones included, and what the
+# kit records for each: (PatientSex, PatientAge, ViewPosition) -> (sex, age, view).
+DICOM_HEADERS = [
+    (("M", "045Y", "PA"), ("M", 45.0, "PA")),
+    (("F", "006M", "AP"), ("F", 0.5, "AP")),
+    (("F", "51", "PA"), ("F", 51.0, "PA")),  # RSNA and SIIM write bare years
+    (("O", "000Y", "LL"), ("", np.nan, "LL")),  # other sex, an anonymiser's zero age
+    ((" m ", "X1Y", ""), ("M", np.nan, "")),
+    (("", "412Y", " ap"), ("", np.nan, "AP")),
+    (None, ("", np.nan, "")),  # no fields at all
+]
+
+
+def dicom_header(index: int) -> dict:
+    """The header fields of the index-th synthetic DICOM (cycling through DICOM_HEADERS)."""
+    fields = DICOM_HEADERS[index % len(DICOM_HEADERS)][0]
+    return {} if fields is None else dict(zip(("PatientSex", "PatientAge", "ViewPosition"), fields))
 
 
 def _write_rows(path, header, rows, *, gz: bool = False) -> Path:
@@ -137,12 +162,12 @@ def vindr(folder: Path):
     train, test = [], []
     for image in range(6):
         image_id = f"{image:032x}"
-        write_dicom(folder / "train" / f"{image_id}.dicom", seed=image)
+        write_dicom(folder / "train" / f"{image_id}.dicom", seed=image, **dicom_header(image))
         for rater in ("R1", "R2", "R3"):
             train.append([image_id, rater, *rng.integers(0, 2, len(VINDR_CLASSES))])
     for image in range(6, 9):
         image_id = f"{image:032x}"
-        write_dicom(folder / "test" / f"{image_id}.dicom", seed=image)
+        write_dicom(folder / "test" / f"{image_id}.dicom", seed=image, **dicom_header(image))
         test.append([image_id, *rng.integers(0, 2, len(VINDR_CLASSES))])
     _write_rows(folder / "annotations/image_labels_train.csv", ["image_id", "rad_id", *VINDR_CLASSES], train)
     _write_rows(folder / "annotations/image_labels_test.csv", ["image_id", *VINDR_CLASSES], test)
@@ -153,7 +178,7 @@ def rsna(folder: Path):
     rows = []
     for index in range(10):
         patient = f"{index:08x}-0000-0000-0000-000000000000"
-        write_dicom(folder / "stage_2_train_images" / f"{patient}.dcm", seed=index)
+        write_dicom(folder / "stage_2_train_images" / f"{patient}.dcm", seed=index, **dicom_header(index))
         boxes = index % 3 if index % 2 else 0
         rows += [[patient, 10, 20, 30, 40, 1] for _ in range(boxes)] or [[patient, "", "", "", "", 0]]
     _write_rows(folder / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], rows)
@@ -164,7 +189,8 @@ def siim(folder: Path):
     rows = []
     for index in range(10):
         image_id = f"1.2.276.0.7230010.3.1.4.8323329.{index}.1517875201.850819"
-        write_dicom(folder / "dicom-images-train" / image_id / f"1.2.{index}" / f"{image_id}.dcm", seed=index)
+        write_dicom(folder / "dicom-images-train" / image_id / f"1.2.{index}" / f"{image_id}.dcm", seed=index,
+                    **dicom_header(index))
         rows += [[image_id, "1 2 3 4"]] * (index % 3) if index % 2 else [[image_id, "-1"]]
     _write_rows(folder / "train-rle.csv", ["ImageId", " EncodedPixels"], rows)
     return folder, Options()

@@ -137,3 +137,92 @@ def test_info_cli_prints_schema_and_counts(extracted_cache):
         assert text in result.stdout
     assert json.loads(next(line for line in result.stdout.splitlines() if "normalize_mean" in line).split(None, 1)[1])
     assert run_cli("cache", "verify", extracted_cache, check_rc=0).stdout.strip().endswith("OK")
+
+
+# Per-row metadata ----------------------------------------------------------------------------
+
+METADATA = {"sex": np.array(["M", "F", "", "F", "M"] * 2, dtype=object),
+            "age": np.array([45, np.nan, 30.5, np.nan, 60] * 2, dtype=np.float32),
+            "view": np.array(["PA", "AP", "PA", "", "PA"] * 2, dtype=object),
+            "study_id": np.array(["0", "1", "0", "2", "0"] * 2, dtype=object)}
+
+
+def _make_v1(path, **metadata):
+    table = {"image_id": [f"{i:03d}.png" for i in range(10)], "patient_id": np.arange(10) // 2,
+             "labels": np.eye(3, dtype=np.uint8)[np.arange(10) % 3],
+             "split": np.array(["train"] * 6 + ["val"] * 2 + ["test"] * 2, dtype=object), **metadata}
+    cache.create_cache(path, table=table, feature_dim=4, feature_dtype="float32", attrs=_settings())
+    return table
+
+
+def test_a_version_1_cache_holds_the_metadata_group_outside_the_fingerprint(tmp_path):
+    _make_v1(tmp_path / "old.h5")
+    _make_v1(tmp_path / "new.h5", **METADATA)
+    old, new = cache.read_attrs(tmp_path / "old.h5"), cache.read_attrs(tmp_path / "new.h5")
+    assert new["schema_version"] == old["schema_version"] == 1 and new["fingerprint"] == old["fingerprint"]
+    assert cache.read_metadata(tmp_path / "old.h5") is None
+    metadata = cache.read_metadata(tmp_path / "new.h5")
+    for name, values in METADATA.items():
+        np.testing.assert_array_equal(metadata[name], values)  # NaN ages and "" stay missing
+    assert find_problems(tmp_path / "old.h5") == [] and find_problems(tmp_path / "new.h5") == []
+
+
+@pytest.mark.parametrize("tamper, problem", [
+    (lambda group: group.__delitem__("age"), "datasets missing: ['metadata/age']"),
+    (lambda group: (group.__delitem__("sex"), group.create_dataset("sex", data=np.zeros(9))),
+     "metadata/sex has shape (9,), expected (10,)"),
+])
+def test_a_version_1_metadata_group_is_checked_like_version_2s(tmp_path, tamper, problem):
+    path = tmp_path / "c.h5"
+    _make_v1(path, **METADATA)
+    with h5py.File(path, "r+") as f:
+        tamper(f["metadata"])
+    assert any(problem in found for found in find_problems(path))
+    with pytest.raises(cache.CacheError, match=problem.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        cache.check_readable(path)
+
+
+@pytest.mark.parametrize("column, value, problem", [
+    ("sex", "male", "metadata/sex holds values other than M/F/\"\": ['male']"),
+    ("age", np.inf, "metadata/age holds 1 infinite values; missing is NaN"),
+])
+def test_verify_finds_metadata_values_outside_the_contract(tmp_path, column, value, problem):
+    path = tmp_path / "c.h5"
+    _make_v1(path, **{**METADATA, column: np.concatenate([[value], METADATA[column][1:]]).astype(METADATA[column].dtype)})
+    assert find_problems(path) == [problem]
+    cache.check_readable(path)  # readers do not decode the metadata strings
+
+
+def test_info_shows_each_metadata_column_and_how_many_rows_miss_it(tmp_path):
+    _make_v1(tmp_path / "new.h5", **METADATA)
+    lines = describe(tmp_path / "new.h5").splitlines()
+    block = lines[next(i for i, line in enumerate(lines) if line.startswith("metadata")):][:5]
+    missing = {line.split()[0]: int(line.split()[1]) for line in block[1:]}
+    assert missing == {"sex": 2, "age": 4, "view": 2, "study_id": 0}
+    assert "10 rows" in block[0] and "F 4, M 4" in block[1] and "30.5 to 60 years" in block[2]
+    _make_v1(tmp_path / "old.h5")
+    text = describe(tmp_path / "old.h5")
+    assert "metadata: none" in text and "rerun the extract command that made it" in text
+    assert cache.no_metadata_reason(tmp_path / "old.h5") in text
+
+
+def test_add_metadata_gives_an_old_cache_its_group_and_changes_nothing_else(tmp_path):
+    path = tmp_path / "old.h5"
+    table = _make_v1(path)
+    writer = cache.PartWriter(path, fingerprint=cache.read_attrs(path)["fingerprint"])
+    writer.write(rows=[0, 3], features=np.ones((2, 4), np.float32), failed_rows=[5], failed_reasons=["bad"])
+    cache.merge_parts(path)
+    before = (cache.read_attrs(path), cache.read_table(path), cache.read_features(path, {"all": np.arange(10)}))
+    with pytest.raises(cache.CacheError, match="its rows differ"):
+        cache.add_metadata(path, {**table, "image_id": table["image_id"][::-1], **METADATA})
+    cache.add_metadata(path, {**table, **METADATA})
+    after = (cache.read_attrs(path), cache.read_table(path), cache.read_features(path, {"all": np.arange(10)}))
+    assert after[0] == before[0]
+    for name in before[1]:
+        np.testing.assert_array_equal(after[1][name], before[1][name])
+    np.testing.assert_array_equal(after[2]["all"], before[2]["all"])
+    np.testing.assert_array_equal(cache.read_metadata(path)["age"], METADATA["age"])
+    content = path.read_bytes()
+    cache.add_metadata(path, {**table, **METADATA})  # a cache with the group is left as it is
+    assert path.read_bytes() == content and find_problems(path) == []
+    assert not list(tmp_path.glob("*.metadata"))

@@ -1,7 +1,7 @@
 """`python -m extract --dataset NAME`: the registry through the CLI into a version-2 cache
 (string patient ids, UNKNOWN labels, the metadata group, every label policy fingerprinted),
 `cache verify`/`info` on it, and the heads refusing unknown labels until they can leave them
-out. NIH keeps its version-1 cache (tests/test_extract.py guards it byte for byte)."""
+out. NIH keeps its version-1 cache, now with the optional metadata group (tests/test_extract.py)."""
 import h5py
 import numpy as np
 import pandas as pd
@@ -120,7 +120,7 @@ def test_nih_default_still_writes_a_version_1_cache(extracted_cache):
     attrs = cache.read_attrs(extracted_cache)
     assert attrs["schema_version"] == 1 and "dataset" not in attrs
     assert cache.read_table(extracted_cache)["patient_id"].dtype == np.int64
-    assert cache.read_metadata(extracted_cache) is None
+    assert set(cache.read_metadata(extracted_cache)["sex"]) == {"M", "F"}  # outside the fingerprint
 
 
 def _v2_copy(chexpert_cache, tmp_path):

@@ -6,7 +6,9 @@ import sys
 import time
 import urllib.error
 
+import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchvision
@@ -42,6 +44,37 @@ def test_summary_and_rerun_does_nothing(extracted_cache, synthetic_dir, tmp_path
     result = call_main("extract", "--data-dir", synthetic_dir, "--cache", copy, *TINY, check_rc=0)
     assert "extracted 0 images" in result.stdout and "train" in result.stdout
     assert (copy.read_bytes(), copy.stat().st_mtime_ns) == before  # not even rewritten
+
+
+def test_an_nih_cache_records_the_label_csvs_sex_age_view_and_follow_up(extracted_cache, synthetic_dir):
+    table, metadata = cache.read_table(extracted_cache), cache.read_metadata(extracted_cache)
+    csv = pd.read_csv(synthetic_dir / "Data_Entry_2017_v2020.csv", dtype=str).set_index("Image Index")
+    csv = csv.loc[table["image_id"]]
+    assert list(metadata["sex"]) == list(csv["Patient Gender"]) and set(metadata["sex"]) == {"M", "F"}
+    np.testing.assert_array_equal(metadata["age"], csv["Patient Age"].astype(np.float32))
+    assert list(metadata["view"]) == list(csv["View Position"])
+    assert list(metadata["study_id"]) == list(csv["Follow-up #"])
+    assert cache.read_attrs(extracted_cache)["schema_version"] == 1
+
+
+def test_resuming_a_cache_made_before_the_metadata_group_adds_it(extracted_cache, synthetic_dir, tmp_path):
+    old = tmp_path / "old.h5"
+    call_main("extract", "--data-dir", synthetic_dir, "--cache", old, "--split", "test", *TINY, check_rc=0)
+    with h5py.File(old, "r+") as f:  # as every NIH cache was before the metadata group
+        del f["metadata"]
+    assert cache.read_metadata(old) is None and "rerun the extract command" in cache.no_metadata_reason(old)
+    call_main("cache", "verify", old, check_rc=0)
+    result = call_main("extract", "--data-dir", synthetic_dir, "--cache", old, *TINY, check_rc=0)
+    assert "added the per-row metadata" in result.stdout
+    assert f"extracted {int((cache.read_table(old)['split'] != 'test').sum())} images" in result.stdout  # the rest
+    for name, values in cache.read_metadata(extracted_cache).items():
+        np.testing.assert_array_equal(cache.read_metadata(old)[name], values)
+    (table, features), (fresh_table, fresh_features) = _features(old), _features(extracted_cache)
+    for name in table:
+        np.testing.assert_array_equal(table[name], fresh_table[name])
+    np.testing.assert_allclose(features, fresh_features, rtol=2e-3, atol=2e-3)  # other batches, as on resume
+    assert cache.read_attrs(old)["fingerprint"] == cache.read_attrs(extracted_cache)["fingerprint"]
+    call_main("cache", "verify", old, check_rc=0)
 
 
 def test_bad_images_are_recorded_and_the_run_goes_on(synthetic_dir, tmp_path):

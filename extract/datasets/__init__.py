@@ -10,9 +10,12 @@ line at the bottom of this file; tests iterate `names()`, so a registered datase
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from extract.datasets.table import DatasetError, Options, check_table
 
@@ -29,15 +32,18 @@ class Reader:
     options: tuple = ()  # the Options fields this reader uses
     download: str = ""
     has_views: bool = True
+    header_metadata: bool = False  # sex, age and view are in the DICOM headers only (see add_header_metadata)
 
 
-def register(name: str, *, expects: str, markers=(), options=(), download: str = "", has_views: bool = True):
+def register(name: str, *, expects: str, markers=(), options=(), download: str = "", has_views: bool = True,
+             header_metadata: bool = False):
     """Decorator: register `read` under `name`."""
     def add(read):
         if name in _REGISTRY:
             raise ValueError(f"dataset {name!r} is registered twice")
         _REGISTRY[name] = Reader(name=name, read=read, expects=expects, markers=tuple(markers),
-                                 options=tuple(options), download=download, has_views=has_views)
+                                 options=tuple(options), download=download, has_views=has_views,
+                                 header_metadata=header_metadata)
         return read
     return add
 
@@ -84,6 +90,27 @@ def load(name: str, data_dir, options: Options | None = None) -> tuple[dict, dic
     return rows, {"dataset": name, **provenance}
 
 
+def add_header_metadata(rows: dict, data_dir, *, threads: int = 8) -> tuple[dict, int]:
+    """`rows` with sex, age and view read from each row's DICOM header (the pixel data never
+    read), and the number of headers that could not be read (their values stay missing).
+
+    When: `extract` calls this once, as it creates a cache, not in the reader. Every reader
+    run (each resume, `datasets.load`) would otherwise open every file again, and reading in
+    the embedding workers instead would leave the rows not embedded yet (another --split, a
+    failed image) without metadata and would carry it through the part files. One header
+    read per image is a small cost beside decoding its pixels; threads overlap the reads."""
+    from extract import dicom  # pydicom is an optional extra: imported only for DICOM datasets
+
+    paths = [Path(data_dir) / path for path in rows["path"]]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        headers = list(pool.map(dicom.header_metadata, paths))
+    filled = [header or ("", np.nan, "") for header in headers]
+    rows = dict(rows, sex=np.array([h[0] for h in filled], dtype=object),
+                age=np.array([h[1] for h in filled], dtype=np.float32),
+                view=np.array([h[2] for h in filled], dtype=object))
+    return rows, sum(header is None for header in headers)
+
+
 def _with_hint(err: DatasetError, *, name: str, data_dir: Path) -> DatasetError:
     """A missing-file error says which other registered dataset the folder looks like."""
     if not getattr(err, "missing_files", False):
@@ -101,7 +128,8 @@ def describe() -> str:
         lines.append(f"{reader.name}")
         lines.append(f"  expects: {reader.expects}")
         lines.append(f"  options: {', '.join('--' + o.replace('_', '-') for o in reader.options) or '(none)'}"
-                     + ("" if reader.has_views else "; no view metadata"))
+                     + ("" if reader.has_views else "; no view metadata to choose rows by")
+                     + ("; sex, age and view recorded from the DICOM headers" if reader.header_metadata else ""))
         if reader.download:
             lines.append(f"  download: {reader.download}")
     return "\n".join(lines)

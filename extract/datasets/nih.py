@@ -15,14 +15,14 @@ import pandas as pd
 
 from cache.schema import CLASSES, TEST, TRAIN, VAL
 from extract.datasets import register
-from extract.datasets.table import DatasetError, Options, assert_patient_disjoint, file_sha256, make_rows, choose_patients
+from extract.datasets.table import (MAX_AGE, DatasetError, Options, assert_patient_disjoint, choose_patients,
+                                    file_sha256, make_rows)
 
 NO_FINDING = "No Finding"
 # The v2020 file first: it fixes 181 labels of the 2017 one that many mirrors still serve.
 LABEL_CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv",
                    "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv.gz")
 TRAIN_VAL_LIST, TEST_LIST = "train_val_list.txt", "test_list.txt"
-MAX_AGE = 120  # years; above it an age is a typo, recorded as missing
 _REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 _DOWNLOAD_HINT = "they come with the NIH download (https://nihcc.app.box.com/v/ChestXray-NIHCC)"
 

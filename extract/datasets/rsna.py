@@ -4,8 +4,8 @@ stage_2_train_images/PATIENTID.dcm.
 Choices: one class, Pneumonia, from Target (1 = the image has at least one box of lung
 opacity suggesting pneumonia). A positive image has one row per box: its rows must agree on
 Target, and count once. Each patientId is one image (the challenge's own design). No official
-test labels: seeded split. Views, sex and age are in the DICOM headers only: missing here
-(the images are all frontal radiographs).
+test labels: seeded split. Views, sex and age are in the DICOM headers only:
+missing here, read by extract as it creates the cache (datasets.add_header_metadata).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ CSV_NAME, IMAGE_FOLDER = "stage_2_train_labels.csv", "stage_2_train_images"
 
 
 @register("rsna", expects=f"{CSV_NAME}, {IMAGE_FOLDER}/*.dcm", markers=(CSV_NAME,), has_views=False,
+          header_metadata=True,
           download="https://www.kaggle.com/c/rsna-pneumonia-detection-challenge")
 def read(data_dir: Path, options: Options) -> tuple[dict, dict]:
     csv_path = find_file(data_dir, (CSV_NAME,), dataset="RSNA Pneumonia")

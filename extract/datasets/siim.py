@@ -5,7 +5,8 @@ positive image has one row per mask, and counts once. Image ids are DICOM UIDs f
 the file of image X is `X.dcm` (the name is never cut at its first dot). Each image is its
 own patient (the file publishes no patient id). An image of the CSV with no DICOM below the
 folder is dropped and counted in the provenance (the public copies lack a few). No official
-test labels: seeded split. Views, sex and age are in the DICOM headers only: missing here.
+test labels: seeded split. Views, sex and age are in the DICOM headers only: missing here,
+read by extract as it creates the cache (datasets.add_header_metadata).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ CSV_NAMES = ("train-rle.csv", "train-rle.csv.gz")
 
 
 @register("siim", expects="train-rle.csv and the .dcm files anywhere below --data-dir", markers=("train-rle.csv",),
-          has_views=False, download="https://www.kaggle.com/c/siim-acr-pneumothorax-segmentation")
+          has_views=False, header_metadata=True, download="https://www.kaggle.com/c/siim-acr-pneumothorax-segmentation")
 def read(data_dir: Path, options: Options) -> tuple[dict, dict]:
     csv_path = find_file(data_dir, CSV_NAMES, dataset="SIIM-ACR")
     frame = read_csv(csv_path, columns=("ImageId", "EncodedPixels"), dataset="SIIM-ACR")

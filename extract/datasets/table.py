@@ -31,6 +31,7 @@ from cache.schema import SPLITS, TEST, TRAIN, UNKNOWN, VAL
 
 FRONTAL = ("PA", "AP")
 METADATA_DEFAULTS = {"sex": "", "age": np.nan, "view": "", "study_id": ""}
+MAX_AGE = 120  # years; above it an age is a typo (the NIH 2017 file has a few), recorded as missing
 UNCERTAIN_POLICIES = ("mask", "zeros", "ones")
 RATER_POLICIES = ("any", "majority")
 LABEL_METHODS = ("physician", "all")

@@ -11,7 +11,8 @@ Choices (documented in docs/datasets.md):
 - No patient ids are published: each image is its own patient (so a patient-wise split is
   an image-wise one, and two images of one person may fall in different splits).
 - Splits: PhysioNet's train/test, val seeded from train; Kaggle: seeded train/val/test.
-- Views, sex and age are only in the DICOM headers, which this reader does not open: missing.
+- Views, sex and age are only in the DICOM headers: this reader leaves them missing, and
+  extract reads them from the headers as it creates the cache (datasets.add_header_metadata).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def _check_unique(frame: pd.DataFrame, path) -> None:
 
 @register("vindr", expects=f"{PHYSIONET_TRAIN}, {PHYSIONET_TEST}, train/*.dicom, test/*.dicom (PhysioNet) or "
                            f"{KAGGLE_TRAIN} and train/*.dicom (Kaggle VinBigData)",
-          markers=(PHYSIONET_TRAIN,), options=("raters",), has_views=False,
+          markers=(PHYSIONET_TRAIN,), options=("raters",), has_views=False, header_metadata=True,
           download="https://physionet.org/content/vindr-cxr/ (or the Kaggle VinBigData competition)")
 def read(data_dir: Path, options: Options) -> tuple[dict, dict]:
     raters = options.raters or "majority"
