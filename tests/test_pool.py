@@ -13,7 +13,7 @@ from heads import train as train_cli
 from heads.pool import load_pooled_data
 
 ROWS = {"train": 450, "val": 180, "test": 180}
-FAST = ["--max-epochs", "4", "--lr", "0.01", "--bootstrap", "40", "--precision", "fp32", "--device", "cpu"]
+FAST = ["--max-epochs", "8", "--batch-size", "64", "--lr", "0.01", "--bootstrap", "40", "--precision", "fp32", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
