@@ -61,8 +61,8 @@ schema_version is 1 or 2; every dataset (v2: and the metadata group), every fing
 attribute and the fingerprint are present; the fingerprint matches; every row dataset (and each
 metadata dataset, in whichever version holds the group) has N rows and `features` is
 (N, feature_dim) of feature_dtype; labels are 0/1 (v2: or 255); split names are
-train/val/test; no patient is in two splits. The heads' readers also refuse a cache with
-unknown labels (check_readable's default) until they can leave them out.
+train/val/test; no patient is in two splits. Unknown labels are sound: the heads leave
+them out of the loss and of every figure of their class (heads/data.py).
 `verify` also checks that every done row's features are finite, and that metadata/sex holds
 only "M", "F" or "" and metadata/age no infinite value.
 

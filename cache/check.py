@@ -88,23 +88,15 @@ def _metadata_counts(path) -> str:
     return "\n".join(lines)
 
 
-def check_readable(path, *, allow_unknown: bool = False) -> None:
+def check_readable(path) -> None:
     """The cheap structural checks of `verify`, run by every reader before it trusts a cache:
     known schema_version, every dataset and attribute present, fingerprint, every row dataset
     and `features` with N rows and the right width, labels only 0/1 (and UNKNOWN in version 2),
     split names, patient-disjoint splits. Reads the row table, never `features` (well under a
     second at NIH scale). Raises CacheError, one line naming the first problem and `python -m
     cache verify`. The finite-features scan is left to the reader, on the rows it uses.
-    allow_unknown=False (the heads' readers): a cache with unknown labels is refused, since
-    they would be read as positives."""
+    Unknown labels (UNKNOWN) are sound: every reader leaves them out of what it computes."""
     problems = structural_problems(path)
-    if not problems and not allow_unknown:
-        with open_cache(path) as f:
-            unknown = int((f["labels"][()] == UNKNOWN).sum())
-        if unknown:
-            raise CacheError(f"{path}: {unknown} labels are unknown ({UNKNOWN}: masked, unmentioned or not "
-                             f"annotated), and this stage cannot yet leave them out of training and scoring; "
-                             f"extract with --uncertain zeros or ones, or a dataset whose labels are all known")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CacheError(f"{path}: {problems[0]}{more}; run `python -m cache verify {path}` for the full report")

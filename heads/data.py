@@ -134,7 +134,7 @@ def load_head_data(cache_paths, *, device="cpu", dtype=np.float16) -> HeadData:
         raise HeadsError(f"the same cache is given twice in {[str(p) for p in paths]}; give each cache once")
     tables, attrs_list = [], []
     for path in paths:
-        cache.check_readable(path, allow_unknown=True)
+        cache.check_readable(path)
         attrs_list.append(cache.read_attrs(path))
         tables.append(cache.read_table(path))
         pending = cache.pending_part_rows(path)

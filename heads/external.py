@@ -172,7 +172,7 @@ class Target:
 
 def check_target(path) -> dict:
     """The target cache's attributes, after the structural checks every reader runs."""
-    cache.check_readable(path, allow_unknown=True)
+    cache.check_readable(path)
     pending = cache.pending_part_rows(path)
     if pending:
         raise ExternalError(f"{path} has {pending} extracted rows not merged yet (an interrupted extract); rerun "

@@ -37,7 +37,7 @@ def load_pooled_data(cache_paths, *, device="cpu", dtype=np.float16) -> HeadData
         raise HeadsError("--pool needs at least two caches (--cache A.h5 --cache B.h5)")
     attrs_list, tables = [], []
     for path in paths:
-        cache.check_readable(path, allow_unknown=True)
+        cache.check_readable(path)
         attrs_list.append(cache.read_attrs(path))
         tables.append(cache.read_table(path))
         if cache.pending_part_rows(path):

@@ -119,7 +119,7 @@ def run_search(args) -> int:
     out = Path(args.out or f"outputs/search/{args.study_name}")
     check_open_dir(out, kind="search")
     for path in cache_paths(args):  # a missing or damaged cache is refused before the folder is made
-        cache.check_readable(path, allow_unknown=True)
+        cache.check_readable(path)
     url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if _study_file_inside(url, out):
         open_dir(out, kind="search")  # the study file, and so its lock, live in the folder

@@ -65,6 +65,8 @@ def read(data_dir: Path, options: Options) -> tuple[dict, dict]:
     provenance = {"classes": list(CLASSES), "uncertain": uncertain, "views": list(views),
                   "source_csv": ",".join(p.name for p in paths.values()),
                   "source_csv_sha256": file_sha256(*paths.values()), "split_source": "official split file",
+                  # every cache records these (fingerprinted); the official file leaves them unused
+                  "val_fraction": 0.0, "split_seed": 0,
                   "images_without_study_labels": int((~known).sum())}
     return rows, provenance
 
