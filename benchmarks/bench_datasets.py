@@ -177,7 +177,8 @@ def run(args) -> list[dict]:
         work = Path(args.work_dir or tmp)
         baseline = time_child("", "", profile=False)
         table = [{"stage": "datasets", "measure": "import extract.datasets only (baseline)",
-                  "value": f"{baseline['cpu']:.2f} s CPU", "note": f"wall {baseline['wall']:.2f} s; load {baseline['load']}"}]
+                  "value": f"{baseline['cpu']:.2f} s CPU",
+                  "note": f"wall {baseline['wall']:.2f} s; load {baseline['load']}"}]
         for name in names:
             folder = work / name
             if folder.exists():  # never write into (or delete) a folder this run did not make
