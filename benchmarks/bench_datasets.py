@@ -4,7 +4,7 @@ ships (torchxrayvision/data/): CheXpert's train.csv (223,414 rows), PadChest's 1
 its reader expects (label files only, no images: reading the table opens none).
 
     python -m benchmarks.bench_datasets                     # the full tables
-    python -m benchmarks.bench_datasets --quick             # a 2,000-row sample of each file
+    python -m benchmarks.bench_datasets --quick             # the first 2,000 rows of each file
     python -m benchmarks.bench_datasets --datasets padchest --profile   # where the time goes
 
 What is timed is what `python -m extract --dataset NAME` does before it reads an image:
@@ -52,7 +52,8 @@ import extract.datasets as datasets
 name, data_dir, profile = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 report = {}
 if name:
-    import cProfile, pstats
+    if profile:
+        import cProfile, pstats
     profiler = cProfile.Profile() if profile else None
     wall, cpu = time.perf_counter(), time.process_time()
     if profiler:
@@ -72,9 +73,9 @@ def get_args_parser(add_help=True):
                            description="Time each dataset reader on the real metadata torchxrayvision ships.")
     parser.add_argument("--datasets", default=",".join(DATASETS),
                         help=f"comma-separated, from {', '.join(DATASETS)} (default: all)")
-    parser.add_argument("--quick", action="store_true", help=f"a {QUICK_ROWS:,}-row sample of each file")
+    parser.add_argument("--quick", action="store_true", help=f"the first {QUICK_ROWS:,} rows of each file")
     parser.add_argument("--rows", type=number_type(int, Valid(50)), default=None,
-                        help="sample this many rows of each file (default: all; --quick: 2,000)")
+                        help="read the first this many rows of each file (default: all; --quick: 2,000)")
     parser.add_argument("--profile", action="store_true",
                         help="print each reader's top 15 functions by cumulative time (cProfile)")
     parser.add_argument("--work-dir", default=None,
@@ -170,20 +171,25 @@ def chosen_datasets(text: str) -> list[str]:
     return names
 
 
+def refuse_existing(work: Path, names: list) -> None:
+    """Never write into (or delete) a dataset folder this run did not make."""
+    existing = [str(work / name) for name in names if (work / name).exists()]
+    if existing:
+        raise ValueError(f"--work-dir: {existing[0]} exists; give a folder without {', '.join(names)} in it")
+
+
 def run(args) -> list[dict]:
     names = chosen_datasets(args.datasets)
     sample = args.rows or (QUICK_ROWS if args.quick else None)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
+        refuse_existing(work, names)
         baseline = time_child("", "", profile=False)
         table = [{"stage": "datasets", "measure": "import extract.datasets only (baseline)",
                   "value": f"{baseline['cpu']:.2f} s CPU",
                   "note": f"wall {baseline['wall']:.2f} s; load {baseline['load']}"}]
         for name in names:
-            folder = work / name
-            if folder.exists():  # never write into (or delete) a folder this run did not make
-                raise ValueError(f"--work-dir: {folder} exists; give a folder without {', '.join(names)} in it")
-            data_dir, read = LAYOUTS[name](folder, sample)
+            data_dir, read = LAYOUTS[name](work / name, sample)
             timed = time_child(name, data_dir, profile=args.profile)
             table.append({
                 "stage": "datasets", "measure": f"read + validate {name}: {read:,} rows read, {timed['kept']:,} kept",
@@ -196,7 +202,9 @@ def run(args) -> list[dict]:
 
 def main(args) -> int:
     try:
-        chosen_datasets(args.datasets)
+        names = chosen_datasets(args.datasets)
+        if args.work_dir:
+            refuse_existing(Path(args.work_dir), names)
         xrv_data()
         print(f"cpu flags: {cpu_flags()}; nproc {os.cpu_count()}; load before {os.getloadavg()}")
         print_table(run(args))
