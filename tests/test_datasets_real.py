@@ -5,6 +5,7 @@ keeps one row per image where torchxrayvision keeps one per CSV row (SIIM); the 
 PadChest rows without annotation or labelled exclude; torchxrayvision matches PadChest and
 VinDr finding names by substring, which the comparison reproduces on the kit's classes."""
 import os
+import re
 import shutil
 
 import numpy as np
@@ -12,8 +13,10 @@ import pandas as pd
 import pytest
 
 import dataset_layouts
+from benchmarks import bench_datasets
 from cache import vocabulary
 from cache.schema import UNKNOWN
+from conftest import call_main
 from extract import datasets
 from extract.datasets import nih
 from extract.datasets.table import Options
@@ -278,3 +281,15 @@ def test_nih_through_the_registry_keeps_the_table_and_adds_metadata(nih_metadata
     assert 0 <= np.nanmin(rows["age"]) and np.nanmax(rows["age"]) < 120 and not np.isnan(rows["age"]).any()
     assert rows["path"][0] == f"images/{rows['image_id'][0]}"  # where the images belong, before they are there
     assert provenance["dataset"] == "nih" and provenance["classes"] == list(nih.CLASSES)
+
+
+# Reading speed (benchmarks/bench_datasets.py) ----------------------------------------------
+
+def test_bench_datasets_quick_reports_a_row_per_dataset():
+    result = call_main("benchmarks.bench_datasets", "--quick", check_rc=0)
+    measures = [line for line in result.stdout.splitlines() if line.startswith("datasets ")]
+    assert "import extract.datasets only (baseline)" in measures[0]
+    for name, line in zip(bench_datasets.DATASETS, measures[1:], strict=True):
+        read, kept = (int(n.replace(",", "")) for n in re.search(r"([\d,]+) rows read, ([\d,]+) kept", line).groups())
+        assert f"read + validate {name}:" in line and read == bench_datasets.QUICK_ROWS and 0 < kept <= read
+    assert "cpu flags:" in result.stdout and "load after" in result.stdout

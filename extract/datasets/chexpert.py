@@ -14,7 +14,6 @@ Choices (each documented in docs/datasets.md):
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ CLASSES = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opa
            "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
            "Fracture", "Support Devices")
 NOT_IMPLIED_BY_NO_FINDING = ("No Finding", "Support Devices")
-_PATIENT = re.compile(r"patient\d+")
+_PATIENT = r"(patient\d+)"
 COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
 
 
@@ -50,12 +49,14 @@ def chexpert_labels(frame: pd.DataFrame, *, path, uncertain: str, classes=CLASSE
 
 
 def _patients(frame: pd.DataFrame, path) -> np.ndarray:
-    found = [_PATIENT.search(text) for text in frame["Path"].to_numpy(dtype=object)]
-    for row, match in enumerate(found):
-        if match is None:
-            raise DatasetError(f"{path} line {row + 2} column 'Path': {frame['Path'].iloc[row]!r} names no "
-                               f"patientNNNNN folder")
-    return np.array([match.group(0) for match in found], dtype=object)
+    # pandas' extract: a Python loop of match objects is several times slower on a full train.csv
+    found = frame["Path"].str.extract(_PATIENT, expand=False)
+    missing = found.isna().to_numpy()
+    if missing.any():
+        row = int(np.flatnonzero(missing)[0])
+        raise DatasetError(f"{path} line {row + 2} column 'Path': {frame['Path'].iloc[row]!r} names no "
+                           f"patientNNNNN folder")
+    return found.to_numpy(dtype=object)
 
 
 def _relative_paths(paths: pd.Series, data_dir: Path) -> np.ndarray:
