@@ -1,6 +1,6 @@
 """The caches' done rows as in-memory tensors, one per split, standardized with train statistics.
 
-Features are held in float16: at NIH scale the matrix is 460 MB instead of 920 MB in float32.
+Features are held in float16, half the memory of float32 (docs/performance.md has the figures).
 They are standardized block by block (in place for a float16 cache, in float32 before the cast
 for a float32 one), so no float32 copy of the whole matrix ever exists and an affine rescale of
 the cache changes nothing; training converts one minibatch at a time.
@@ -116,8 +116,7 @@ class HeadData:
 
 
 # Train rows are held in a seeded random order, so that a batch can be a contiguous slice of
-# the matrix rather than a gather of scattered rows (measured: 0.55 s instead of 0.83 s per
-# epoch at NIH scale on 2 CPU cores).
+# the matrix rather than a gather of scattered rows, which is slower per epoch on a CPU.
 TRAIN_ORDER_SEED = 0
 
 

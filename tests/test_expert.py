@@ -331,3 +331,31 @@ def test_without_torchxrayvision_the_default_file_names_both_ways_out(monkeypatc
     with pytest.raises(ExpertLabelsError) as err:
         load_google2019()
     assert "--labels-csv" in str(err.value) and "[xrv]" in str(err.value)
+
+
+def test_heads_evaluate_labels_google2019_scores_a_run_on_official_test_images_only(experts, nih_like_cache,
+                                                                                     tmp_path):
+    """The command a user runs: heads.train on the NIH-like cache, then heads.evaluate --labels
+    google2019 writes the expert table beside the evaluation; every image it scores is in the
+    official test list, and every AUC recomputes from expert_rows.csv."""
+    import json
+
+    from conftest import call_main
+
+    path, _, test_ids, *_ = nih_like_cache
+    call_main("heads.train", "--cache", path, "--out", tmp_path / "run", "--max-epochs", 2, "--bootstrap", 20,
+              "--device", "cpu", "--precision", "fp32", check_rc=0)
+    out = tmp_path / "expert"
+    result = call_main("heads.evaluate", tmp_path / "run", "--cache", path, "--labels", "google2019", "--out", out,
+                       "--bootstrap", 50, check_rc=0)
+    assert "against Google's expert labels" in result.stdout and "| Pneumothorax |" in result.stdout
+    rows = pd.read_csv(out / "expert_rows.csv", dtype={"image_id": str})
+    official_test = set(experts.loc[experts["official_split"] == "test", "image_id"])
+    assert len(rows) == len(test_ids) and set(rows["image_id"]) <= official_test
+    recorded = {f["finding"]: f for f in json.loads((out / "expert.json").read_text())["findings"]}
+    for finding, figures in recorded.items():
+        assert roc_auc_score(rows[f"expert_{finding}"], rows[f"score_{finding}"]) == pytest.approx(figures["expert_auc"])
+    assert set(recorded) == {"Pneumothorax", "Nodule or mass"}
+    refused = call_main("heads.evaluate", tmp_path / "run", "--cache", path, "--labels-csv", "x.csv",
+                        "--out", tmp_path / "no", check_rc=2)
+    assert "--labels google2019" in refused.stderr and not (tmp_path / "no").exists()
