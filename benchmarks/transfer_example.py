@@ -10,11 +10,12 @@ The world is benchmarks/bench_transfer.py's (COLUMNS): every finding carries the
 PadChest's cardiomegaly and pleural effusion, which sit on each other's column. So the answer
 is known before the run: a head scores those two at chance across the PadChest border, in both
 directions, and everything else holds. The script prints, per cell, the drop that alone would
-cause.
+cause, and at the end whether any fit ran into its epoch cap (HEAD).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +29,10 @@ SEPARATION = 1.5
 TRAIN_ROWS = 6_000  # 2,000 patients: the 1% subset keeps 20 of them
 DIM = 64
 FRACTIONS, REPEATS = "0.01,0.1,0.25,1", 5
+# The default head (batch 512, at most 100 epochs) suits NIH-scale train splits; 60 images are
+# one step an epoch, and the cap would stop the small fits long before they converge, so the
+# curve would show optimisation steps rather than labels. With these every fit early-stops.
+HEAD = ["--lr", "0.01", "--batch-size", "64", "--patience", "20", "--max-epochs", "500"]
 
 
 def get_args_parser(add_help=True):
@@ -59,6 +64,18 @@ def print_planted(best: float) -> None:
         print(f"  {source}: " + "; ".join(cells))
 
 
+def print_capped(work: Path) -> None:
+    """Name every fit that ran into the epoch cap (still improving when stopped)."""
+    cap = int(HEAD[HEAD.index("--max-epochs") + 1])
+    fits = [(f"transfer run {path.parent.name}", json.loads(path.read_text()))
+            for path in sorted((work / "transfer" / "runs").glob("*/metrics.json"))]
+    fits += [(f"efficiency fit {fit['fraction']:g} repeat {fit['repeat']}", fit)
+             for fit in json.loads((work / "efficiency" / "metrics.json").read_text())["fits"]]
+    capped = [name for name, fit in fits if fit["epochs_run"] >= cap]
+    print(f"ran into the {cap}-epoch cap: {', '.join(capped)}" if capped else
+          f"all {len(fits)} fits early-stopped before the {cap}-epoch cap")
+
+
 def main(args) -> int:
     work = Path(args.work)
     for folder in ("caches", "transfer", "efficiency"):  # only what an earlier run of this script wrote
@@ -68,9 +85,10 @@ def main(args) -> int:
     print(f"{len(COLUMNS)} caches of {nih_proportions(TRAIN_ROWS)} rows x {DIM}-d")
     print_planted(known_auc(SEPARATION))
     run_module("heads.transfer", *[f for name in COLUMNS for f in ("--cache", f"caches/{name}.h5")],
-               "--out", "transfer", cwd=work)
+               "--out", "transfer", *HEAD, cwd=work)
     run_module("heads.train", "--cache", "caches/nih.h5", "--train-fraction", FRACTIONS, "--repeats", REPEATS,
-               "--out", "efficiency", cwd=work)
+               "--out", "efficiency", *HEAD, cwd=work)
+    print_capped(work)
     FIGURES.mkdir(exist_ok=True)
     for folder, names in (("transfer", ("transfer.md", "transfer.png")), ("efficiency", ("efficiency.md",
                                                                                       "efficiency.png"))):
