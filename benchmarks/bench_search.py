@@ -27,7 +27,7 @@ from pathlib import Path
 
 import optuna
 
-from benchmarks.table import print_table
+from benchmarks.table import cpu_flags, print_table
 from cache.synthetic import NIH_SCALE, write_synthetic_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,14 +119,6 @@ def run(args) -> list[dict]:
                 row["note"] += (f"; {per_trial * info['trials'] / seconds:.2f}x faster than K = 1{scaled}, best val "
                                 f"{info['best'] - one['best']:+.4f} against it")
     return rows
-
-
-def cpu_flags() -> str:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown"
-    return " ".join(flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags) or "none"
 
 
 def main(args) -> int:

@@ -1,6 +1,7 @@
 """One table format for every benchmark, so `make bench` prints one table."""
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -8,6 +9,15 @@ import torch
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def cpu_flags() -> str:
+    """The vector units of this CPU that decide how fast heads train (bf16 is native only with the last two)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    return " ".join(flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags) or "none"
 
 
 def print_table(rows: list[dict]) -> None:

@@ -1,8 +1,13 @@
 """The benchmark scripts' CPU-checkable parts (their timings are never asserted)."""
+import re
+
 import numpy as np
+import pandas as pd
 import torch
 
-from benchmarks import bench_extract, gpu_check
+from benchmarks import bench_extract, bench_transfer, gpu_check
+from benchmarks.transfer_example import planted_drop
+from cache.vocabulary import shared_name
 from conftest import call_main
 from extract.nih import index_images
 from extract.synthetic import write_dataset
@@ -41,3 +46,42 @@ def test_relative_error_measures_the_worst_row():
     reference = np.array([[3.0, 4.0], [1.0, 0.0]])
     changed = reference + np.array([[0.0, 0.5], [0.0, 0.0]])
     assert bench_extract.relative_error(changed, reference) == 0.1
+
+
+def test_bench_transfer_defaults_are_the_issues_sizes():
+    args = bench_transfer.get_args_parser().parse_args([])
+    assert (args.train_rows, args.dim, args.caches, args.fractions, args.repeats) == (
+        20_000, 2048, 4, "0.01,0.1,0.25,1", 5)
+    assert bench_transfer.nih_proportions(args.train_rows) == {"train": 20_000, "val": 2_144, "test": 6_551}
+
+
+def test_the_transfer_worlds_only_shift_is_padchests_planted_swap():
+    """Every other finding two datasets share sits on one column, so only the swap can drop."""
+    for dataset, classes in bench_transfer.COLUMNS.items():
+        assert len({shared_name(dataset, c) for c in classes}) == len(classes)
+    assert planted_drop("nih", "chexpert", 0.9) == (0.0, 7, 0)
+    assert planted_drop("chexpert", "vindr", 0.9) == (0.0, 9, 0)
+    drop, shared, shifted = planted_drop("nih", "padchest", 0.9)
+    assert (shared, shifted) == (14, 2) and abs(drop - 2 / 14 * 0.4) < 1e-12
+    assert planted_drop("padchest", "vindr", 0.9)[1:] == (10, 2)
+
+
+def test_bench_transfer_quick_times_both_commands_against_baselines_that_do_the_same_work(tmp_path):
+    work = tmp_path / "work"
+    printed = call_main("benchmarks.bench_transfer", "--quick", "--work-dir", work, check_rc=0).stdout
+    for measure in ("heads.transfer, 2 x 2 matrix", "baseline: 2 heads.train + 2 heads.evaluate",
+                    "heads.train --train-fraction 0.1,1 --repeats 1", "baseline: 2 heads.train, one fit each"):
+        assert measure in printed
+    assert printed.count("the 300 s target") == 2
+    differences = re.findall(r"largest (?:test )?AUC difference from its (?:cells|fits) (\S+);", printed)
+    assert len(differences) == 2 and all(float(d) < 1e-6 for d in differences), printed
+    cells = pd.read_csv(work / "transfer" / "transfer.csv")
+    assert set(zip(cells["source"], cells["target"])) == {(s, t) for s in ("nih", "chexpert")
+                                                          for t in ("nih", "chexpert")}
+    assert len(pd.read_csv(work / "efficiency" / "efficiency.csv")) == 2 * 14  # 2 fits x 14 classes
+
+
+def test_bench_transfer_refuses_an_earlier_runs_work_dir(tmp_path):
+    (tmp_path / "caches").mkdir()
+    result = call_main("benchmarks.bench_transfer", "--quick", "--work-dir", tmp_path, check_rc=2)
+    assert "holds an earlier run" in result.stderr and result.stdout == ""
