@@ -341,11 +341,13 @@ def plot_efficiency(path, summary: pd.DataFrame, *, config: dict, official_nih: 
         ax.annotate(f"{row.fraction:g}", (row.train_images, row.test_mean_auc), textcoords="offset points",
                     xytext=(0, 7), ha="center", fontsize=8)
     ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter  # after the Agg backend is set, as pyplot is
-    counts = FuncFormatter(lambda value, _: f"{value:,.0f}")  # image counts, not powers of ten
-    ax.xaxis.set_major_formatter(counts)
-    ax.xaxis.set_minor_formatter(counts)
-    ax.tick_params(axis="x", which="minor", labelsize=7)
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator  # after Agg is set
+    # one tick per fraction, at its image count: log-scale minor labels overlap on a short axis
+    ax.xaxis.set_major_locator(FixedLocator(summary["train_images"].to_numpy()))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis="x", labelsize=8)
     ax.margins(x=0.08, y=0.12)
     ax.set_xlabel("training images (mean over repeats; log scale); points labelled with the fraction of patients")
     ax.set_ylabel("mean AUC over the classes test scores")
