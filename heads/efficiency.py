@@ -195,7 +195,19 @@ def run_efficiency(*, grid: list, data, cache_path, out, device, fractions, repe
     if not quiet:
         print(f"\n{format_summary(summary)}\n\nrun directory: {run_dir} (efficiency.csv, efficiency.md, "
               f"efficiency.png, predictions/)")
+        capped = [fit for fit in fits if stopped_at_cap(fit)]
+        if capped:
+            print(f"warning: {len(capped)} of {len(fits)} fits stopped at --max-epochs, not by early stopping "
+                  f"({', '.join(sorted({f'{fit.fraction:g}' for fit in capped}))}): they may be undertrained (at a "
+                  f"small fraction an epoch is few optimiser steps); raise --max-epochs or lower --batch-size",
+                  file=sys.stderr)
     return run_dir, summary
+
+
+def stopped_at_cap(fit: Fit) -> bool:
+    """The chosen head ran every epoch it was allowed, and may still have been improving."""
+    summary, settings = fit.estimator.fit_summary(), fit.estimator.chosen_settings()
+    return "epochs_run" in summary and summary["epochs_run"] >= settings["max_epochs"]
 
 
 def progress_line(fit: Fit, *, data) -> str:
