@@ -33,8 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.bench_search import cpu_flags
-from benchmarks.table import print_table
+from benchmarks.table import print_measured
 from cache.flags import OneLineParser, Valid, number_type
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,9 +205,7 @@ def main(args) -> int:
         if args.work_dir:
             refuse_existing(Path(args.work_dir), names)
         xrv_data()
-        print(f"cpu flags: {cpu_flags()}; nproc {os.cpu_count()}; load before {os.getloadavg()}")
-        print_table(run(args))
-        print(f"load after {os.getloadavg()}")
+        print_measured(lambda: run(args))
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

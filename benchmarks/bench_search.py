@@ -27,7 +27,7 @@ from pathlib import Path
 
 import optuna
 
-from benchmarks.table import cpu_flags, print_table
+from benchmarks.table import print_measured
 from cache.synthetic import NIH_SCALE, write_synthetic_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,9 +122,7 @@ def run(args) -> list[dict]:
 
 
 def main(args) -> int:
-    print(f"cpu flags: {cpu_flags()}; nproc {os.cpu_count()}; load before {os.getloadavg()}")
-    print_table(run(args))
-    print(f"load after {os.getloadavg()}")
+    print_measured(lambda: run(args))
     return 0
 
 

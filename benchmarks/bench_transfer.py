@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_heads import measure_process
-from benchmarks.table import cpu_flags, print_table
+from benchmarks.table import print_measured
 from cache.synthetic import NIH_SCALE, write_synthetic_cache
 from heads.settings import DEFAULTS
 
@@ -232,9 +232,7 @@ def main(args) -> int:
     if args.work_dir and Path(args.work_dir, "caches").exists():  # an earlier run's outputs: not mixed in
         print(f"error: --work-dir {args.work_dir} holds an earlier run (caches/); give another folder", file=sys.stderr)
         return 2
-    print(f"cpu flags: {cpu_flags()}; nproc {os.cpu_count()}; load before {os.getloadavg()}")
-    print_table(run(args))
-    print(f"load after {os.getloadavg()}")
+    print_measured(lambda: run(args))
     return 0
 
 

@@ -29,3 +29,11 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         print(f"{row['stage']:<{widths['stage']}}  {row['measure']:<{widths['measure']}}  "
               f"{row['value']:>{widths['value']}}  {row['note']}")
+
+
+def print_measured(measure) -> None:
+    """Run `measure()` (which returns table rows) between the machine's CPU flags and load
+    average before and after, then print its table: every figure comes with its machine."""
+    print(f"cpu flags: {cpu_flags()}; nproc {os.cpu_count()}; load before {os.getloadavg()}")
+    print_table(measure())
+    print(f"load after {os.getloadavg()}")

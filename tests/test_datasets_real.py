@@ -14,9 +14,10 @@ import pytest
 
 import dataset_layouts
 from benchmarks import bench_datasets
+import cache
 from cache import vocabulary
 from cache.schema import UNKNOWN
-from conftest import call_main
+from conftest import TINY, call_main
 from extract import datasets
 from extract.datasets import nih
 from extract.datasets.table import Options
@@ -293,3 +294,47 @@ def test_bench_datasets_quick_reports_a_row_per_dataset():
         read, kept = (int(n.replace(",", "")) for n in re.search(r"([\d,]+) rows read, ([\d,]+) kept", line).groups())
         assert f"read + validate {name}:" in line and read == bench_datasets.QUICK_ROWS and 0 < kept <= read
     assert "cpu flags:" in result.stdout and "load after" in result.stdout
+
+
+# End to end on real rows: extract -> cache verify -> heads.train -> heads.compare -------------
+
+def _through_the_kit(root, name, data_dir):
+    """The real rows' labels, with a synthetic image each, through every stage; returns the cache."""
+    path = root / f"{name}.h5"
+    call_main("extract", "--dataset", name, "--data-dir", data_dir, "--cache", path, "--val-fraction", 0.4,
+              *TINY, check_rc=0)
+    call_main("cache", "verify", path, check_rc=0)
+    for seed in (0, 1):
+        call_main("heads.train", "--cache", path, "--out", root / f"run{seed}", "--max-epochs", 2, "--seed", seed,
+                  "--bootstrap", 20, "--device", "cpu", "--precision", "fp32", check_rc=0)
+    call_main("heads.compare", root / "run0", root / "run1", "--out", root / "cmp", "--bootstrap", 50, check_rc=0)
+    return path
+
+
+def test_chexpert_real_rows_end_to_end(tmp_path):
+    data_dir = tmp_path / "CheXpert-v1.0-small"
+    data_dir.mkdir()
+    frame = _read("chexpert_train.csv.gz")
+    patient = frame["Path"].str.extract(r"(patient\d+)", expand=False)
+    frame = frame[patient.isin(patient.drop_duplicates().iloc[:48])].copy()
+    moved = patient[frame.index].isin(patient[frame.index].drop_duplicates().iloc[-12:])
+    frame.loc[moved, "Path"] = frame.loc[moved, "Path"].str.replace("/train/", "/valid/", regex=False)
+    frame[~moved].to_csv(data_dir / "train.csv", index=False)
+    frame[moved].to_csv(data_dir / "valid.csv", index=False)
+    for relative in frame["Path"]:
+        dataset_layouts.write_png(tmp_path / relative)
+    path = _through_the_kit(tmp_path, "chexpert", data_dir)
+    table = cache.read_table(path)
+    assert (table["labels"] == cache.UNKNOWN).any() and table["done"].all()
+    predictions = pd.read_csv(tmp_path / "run0" / "predictions_test.csv")
+    assert predictions.filter(like="label_").isna().any().any()  # blank and -1: unknown, an empty cell
+
+
+def test_padchest_real_rows_end_to_end(tmp_path):
+    frame = _read("PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz")
+    frame = frame[(frame["MethodLabel"] == "Physician") & frame["Projection"].isin(["PA", "AP"])].iloc[:90]
+    frame.to_csv(tmp_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv", index=False)
+    for _, row in frame.iterrows():
+        dataset_layouts.write_png(tmp_path / row["ImageDir"] / row["ImageID"], bits=16)
+    path = _through_the_kit(tmp_path, "padchest", tmp_path)
+    assert cache.read_attrs(path)["dataset"] == "padchest" and cache.read_table(path)["done"].sum() == len(frame)
