@@ -43,14 +43,28 @@ def add_operating_args(parser) -> None:
                              "(from the cache's per-row metadata), e.g. --by sex,age")
 
 
-def check_subgroups(data, by) -> None:
-    """--by needs the cache's per-row metadata: refused in one line before any training."""
+def check_subgroup_request(metadata, by, *, where, n_rows: int | None = None) -> None:
+    """--by needs per-row metadata holding the attributes asked for: refused in one line before
+    any training or scoring (heads.train, heads.evaluate, heads.transfer)."""
     from heads.data import HeadsError
+    from heads.subgroups import check_request
 
-    if by and data.test.metadata is None:
-        where = " + ".join(entry["name"] for entry in data.caches)
+    if not by:
+        return
+    if metadata is None:
         raise HeadsError(f"{where}: --by {','.join(by)} needs per-row sex, age and view, which this cache does not "
-                         f"hold; re-extract it with this version of the kit, or leave out --by")
+                         f"hold; rerun the `python -m extract` command that made it (it adds them without embedding "
+                         f"again), or leave out --by")
+    try:
+        check_request(metadata, by, n_rows=len(metadata["age"]) if n_rows is None else n_rows)
+    except ValueError as err:
+        raise HeadsError(f"{where}: {err}") from None
+
+
+def check_subgroups(data, by) -> None:
+    """check_subgroup_request on the test rows of loaded data."""
+    where = " + ".join(entry["name"] for entry in data.caches)
+    check_subgroup_request(data.test.metadata, by, where=where, n_rows=len(data.test))
 
 
 def cache_paths(args) -> list:

@@ -114,7 +114,8 @@ def _rows_of(split: Split, rows: np.ndarray) -> Split:
     index = torch.from_numpy(rows).to(split.features.device)
     metadata = None if split.metadata is None else {key: values[rows] for key, values in split.metadata.items()}
     return replace(split, image_ids=split.image_ids[rows], patient_ids=split.patient_ids[rows],
-                   features=split.features[index], labels=split.labels[index], metadata=metadata)
+                   features=split.features[index], labels=split.labels[index], metadata=metadata,
+                   source=None if split.source is None else split.source[rows])
 
 
 @dataclass

@@ -18,11 +18,12 @@ from pathlib import Path
 import cache
 from cache.flags import OneLineParser, number_type
 from cache.outdir import OutDirError, check_out_dir, discard_partial, finish_out_dir, prepare_out_dir
-from heads.cli import BOOTSTRAP_VALID, add_operating_args
+from heads.cli import BOOTSTRAP_VALID, add_operating_args, check_subgroup_request
 from heads.data import HeadsError, is_official_nih_test
 from heads.expert import expert_reference, load_google2019
-from heads.external import (SPLIT_CHOICES, ExternalError, check_same_recipe, check_split, check_target, evaluate,
-                            format_evaluation, read_source_run, read_target, write_evaluation)
+from heads.external import (SPLIT_CHOICES, ExternalError, check_same_recipe, check_split, check_target,
+                            check_unseen_patients, dataset_of, evaluate, format_evaluation, read_source_run,
+                            read_target, write_evaluation)
 from heads.predict import say_warnings
 from heads.report import write_json
 
@@ -49,31 +50,32 @@ def get_args_parser(add_help=True):
     return parser
 
 
-def check_request(args, target) -> None:
-    """What --by and --labels need of the target, refused before any scoring."""
-    if args.by and target.metadata is None:
-        raise ExternalError(f"{args.cache}: --by {','.join(args.by)} needs per-row sex, age and view, which this "
-                            f"cache does not hold; re-extract it with this version of the kit, or leave out --by")
-    if args.labels == "google2019" and (target.dataset != "nih" or args.split != "test"):
-        raise ExternalError(f"--labels google2019 scores NIH's official test images: give an NIH cache "
-                            f"({args.cache} is {target.dataset}) and --split test")
+def check_request(args, attrs: dict) -> None:
+    """What --by and --labels need of the target cache, refused before any row is read."""
     if args.labels_csv and args.labels != "google2019":
         raise ExternalError("--labels-csv names the google2019 file: give it with --labels google2019")
+    if args.labels == "google2019" and (dataset_of(attrs) != "nih" or args.split != "test"):
+        raise ExternalError(f"--labels google2019 scores NIH's official test images: give an NIH cache "
+                            f"({args.cache} is {dataset_of(attrs)}) and --split test")
+    check_subgroup_request(cache.read_metadata(args.cache), args.by, where=args.cache)
 
 
-def write_expert_reference(partial: Path, evaluation, experts, args):
-    """expert.md, expert.json and expert_rows.csv: the run's AUC against the expert labels beside
-    its AUC against the NLP labels, on the official test images both the file and the cache hold."""
+def expert_figures(evaluation, experts, args):
+    """The run's AUC against the expert labels beside its AUC against the NLP labels, on the
+    official test images both the file and the cache hold."""
     table = cache.read_table(args.cache)
-    reference = expert_reference(
+    return expert_reference(
         experts, image_ids=evaluation.target.image_ids, patient_ids=evaluation.target.patient_ids, splits="test",
         classes=evaluation.classes, scores=evaluation.scores, nlp_labels=evaluation.labels,
         cache_test_is_official=is_official_nih_test(table["image_id"][table["split"] == "test"]),
         n_resamples=args.bootstrap)
+
+
+def write_expert_reference(partial: Path, reference) -> None:
+    """expert.md, expert.json and expert_rows.csv (every expert AUC recomputes from the rows)."""
     (partial / "expert.md").write_text(reference.markdown(), encoding="utf-8")
     write_json(partial / "expert.json", reference.to_dict())
     reference.rows.to_csv(partial / "expert_rows.csv", index=False, float_format="%.9g")
-    return reference
 
 
 def main(args) -> int:
@@ -85,10 +87,12 @@ def main(args) -> int:
         attrs = check_target(args.cache)
         check_same_recipe(run, attrs, args.cache)
         check_split(run, attrs, split=args.split)
-        target = read_target(args.cache, split=args.split)
-        check_request(args, target)
+        check_request(args, attrs)
         experts = load_google2019(args.labels_csv) if args.labels == "google2019" else None
+        target = read_target(args.cache, split=args.split)
+        check_unseen_patients(run, target)
         evaluation = evaluate(run, target, n_bootstrap=args.bootstrap)
+        reference = None if experts is None else expert_figures(evaluation, experts, args)
         partial = prepare_out_dir(out, kind=KIND, overwrite=args.overwrite)
     except (ExternalError, HeadsError, cache.CacheError, OutDirError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -96,7 +100,8 @@ def main(args) -> int:
     say_warnings(run.config, [run.recipe], notes=[])  # random encoder weights, classes the run never learned
     try:
         write_evaluation(partial, evaluation, by=args.by, sensitivity=args.sensitivity, n_bootstrap=args.bootstrap)
-        reference = None if experts is None else write_expert_reference(partial, evaluation, experts, args)
+        if reference is not None:
+            write_expert_reference(partial, reference)
         finish_out_dir(partial, out, kind=KIND)
     except OutDirError as err:  # --out changed while the evaluation was written: the work is kept in partial
         print(f"error: {err}", file=sys.stderr)

@@ -188,15 +188,37 @@ def check_same_recipe(run: SourceRun, attrs: dict, path) -> None:
 
 
 def check_split(run: SourceRun, attrs: dict, *, split: str) -> None:
-    """--split all on the run's own cache would score the rows it was trained and chosen on."""
-    if split == "all" and attrs["fingerprint"] == run.recipe["fingerprint"]:
-        raise ExternalError(f"--split all on the cache {run.path} was trained on would score its train and val "
+    """--split all on a cache the run was trained on (any of a pooled run's) would score the rows
+    it was trained and chosen on."""
+    trained_on = [entry.get("fingerprint") for entry in run.config.get("caches", [])] + [run.recipe["fingerprint"]]
+    if split == "all" and attrs["fingerprint"] in trained_on:
+        raise ExternalError(f"--split all on a cache {run.path} was trained on would score its train and val "
                             f"rows; use --split test (the run's own test AUCs), or another dataset's cache")
 
 
+def check_unseen_patients(run: SourceRun, target: "Target") -> None:
+    """Another cache of a dataset the run was trained on may hold, in its test split, patients
+    the run trained or chose on (another split seed or val fraction): refused, naming how many.
+    The run's own cache must be where config.json says, to be checked against."""
+    for entry in run.config.get("caches", []):
+        if dataset_of(entry.get("attrs", {})) != target.dataset:
+            continue
+        source = Path(entry.get("path", ""))
+        if not source.is_file():
+            raise ExternalError(f"{target.path} is a {dataset_title(target.dataset)} cache, as {source} that "
+                                f"{run.path} was trained on; that cache is not there to check that none of the "
+                                f"target's patients were in its train or val split: put it back at that path")
+        table = cache.read_table(source)
+        seen = set(map(str, table["patient_id"][np.isin(table["split"], ["train", "val"])]))
+        shared = sorted(seen.intersection(target.patient_ids))
+        if shared:
+            raise ExternalError(f"{len(shared)} of the patients scored in {target.path} (e.g. {shared[0]}) were in "
+                                f"the train or val split of {source}, which {run.path} was trained and chosen on; "
+                                f"score it on caches of other datasets, or on its own cache's test split")
+
+
 def read_target(path, *, split: str) -> Target:
-    """The done rows of `split` ("all": every split) of a checked cache. Expert labels
-    (heads/expert.py, --labels google2019) replace `labels` on their images here."""
+    """The done rows of `split` ("all": every split) of a checked cache."""
     attrs = check_target(path)
     table = cache.read_table(path)
     in_split = np.ones(len(table["split"]), bool) if split == "all" else table["split"] == split

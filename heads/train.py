@@ -47,14 +47,14 @@ def main(args) -> int:
         return 2
     try:
         check_out_dir(out, kind="run", overwrite=args.overwrite)  # before any work
+        if args.train_fraction is not None and (args.by or args.sensitivity is not None):
+            raise HeadsError("--by and --sensitivity are not reported by --train-fraction runs (their figures are "
+                             "AUCs per fraction); run heads.train without --train-fraction for them")
         device = resolve_device(args.device)
         paths = cache_paths(args)
         data = load_pooled_data(paths, device=device) if args.pool else load_head_data(paths, device=device)
         check_subgroups(data, args.by)
         if args.train_fraction is not None:
-            if args.by or args.sensitivity is not None:
-                raise HeadsError("--by and --sensitivity are not reported by --train-fraction runs (their figures "
-                                 "are AUCs per fraction); run heads.train without --train-fraction for them")
             run_efficiency(grid=grid, data=data, cache_path=paths, out=out, device=device,
                            fractions=args.train_fraction, repeats=args.repeats or head_settings.REPEATS.default,
                            overwrite=args.overwrite, name=args.name)

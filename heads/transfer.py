@@ -38,7 +38,7 @@ from cache.flags import OneLineParser, number_type
 from cache.outdir import OutDirError, check_out_dir, discard_partial, finish_out_dir, prepare_out_dir
 from cache.runtime import DeviceUnavailable, resolve_device, versions
 from heads import settings as head_settings
-from heads.cli import BOOTSTRAP_VALID, add_operating_args
+from heads.cli import BOOTSTRAP_VALID, add_operating_args, check_subgroup_request
 from heads.data import HeadsError, load_head_data, scoring_warnings
 from heads.estimator import Head, HeadGrid
 from heads.external import (ExternalError, check_target, class_pairs, dataset_of, dataset_title, evaluate,
@@ -88,6 +88,10 @@ def check_caches(paths) -> list[Source]:
     sources, names = [], set()
     for path in map(Path, paths):
         attrs = check_target(path)
+        twin = next((source for source in sources if source.dataset == dataset_of(attrs)), None)
+        if twin is not None:  # its test patients may be the other cache's train patients
+            raise ExternalError(f"--cache {path} and --cache {twin.path} are both {dataset_title(twin.dataset)}: a "
+                                f"transfer matrix has one cache per dataset (its diagonal is each dataset's own test)")
         differ = recipe_differences(sources[0].attrs, attrs) if sources else []
         if differ:
             raise ExternalError(f"--cache {path} holds other features than --cache {sources[0].path} (differ: "
@@ -103,10 +107,8 @@ def check_caches(paths) -> list[Source]:
 
 def check_metadata(sources: list[Source], by) -> None:
     """--by needs every cache's per-row metadata: refused before any training."""
-    for source in sources if by else []:
-        if cache.read_metadata(source.path) is None:
-            raise ExternalError(f"--cache {source.path}: --by {','.join(by)} needs per-row sex, age and view, which "
-                                f"this cache does not hold; re-extract it with this version of the kit, or leave out --by")
+    for source in sources:
+        check_subgroup_request(cache.read_metadata(source.path), by, where=f"--cache {source.path}")
 
 
 @dataclass
@@ -345,7 +347,7 @@ def main(args) -> int:
         check_metadata(sources, args.by)
         device = resolve_device(args.device)
         partial = prepare_out_dir(out, kind=KIND, overwrite=args.overwrite)
-    except (ExternalError, cache.CacheError, OutDirError, DeviceUnavailable) as err:
+    except (ExternalError, HeadsError, cache.CacheError, OutDirError, DeviceUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

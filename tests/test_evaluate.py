@@ -181,3 +181,14 @@ def test_a_run_joining_two_caches_is_refused_in_one_line(world):
     result = evaluate(world, "joined", "chexpert-encoder-a.h5", "refused", check_rc=2)
     assert "joins 2 caches" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (world / "refused").exists()
+
+
+def test_another_cache_of_the_runs_dataset_holding_its_train_patients_is_refused(world):
+    """The same NIH rows split otherwise: the new test split is the run's train patients. Scoring
+    them would be an 'external' AUC on images the head was fitted on."""
+    resplit = world / "nih-resplit.h5"
+    write_dataset_cache(resplit, dataset="nih", weights="encoder-a", separation=SEPARATION["encoder-a"],
+                        rows={"test": 600, "val": 300, "train": 600})
+    result = evaluate(world, "run-encoder-a", "nih-resplit.h5", "refused-resplit", check_rc=2)
+    assert "were in the train or val split of" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (world / "refused-resplit").exists()

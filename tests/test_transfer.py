@@ -113,3 +113,12 @@ def test_a_bad_head_setting_is_one_line(capsys):
         get_args_parser().parse_args(["--cache", "a.h5", "--cache", "b.h5", "--lr", "0.1,0"])
     message = capsys.readouterr().err
     assert stopped.value.code == 2 and message.count("\n") == 1 and "outside (0, 1]" in message
+
+
+def test_two_caches_of_one_dataset_are_refused(matrix, tmp_path):
+    """Their test patients may be each other's train patients; the diagonal is each dataset's own test."""
+    root = matrix[0].parent
+    write_dataset_cache(tmp_path / "nih-again.h5", dataset="nih", seed=5)
+    result = call_main("heads.transfer", "--cache", root / "nih.h5", "--cache", tmp_path / "nih-again.h5",
+                       "--out", tmp_path / "out", *FAST, check_rc=2)
+    assert "are both NIH" in result.stderr and not (tmp_path / "out").exists()
