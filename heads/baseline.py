@@ -1,7 +1,7 @@
 """`python -m heads.baseline`: the baseline a user would otherwise reach for, scikit-learn's
-LogisticRegression one-vs-rest on the same standardized features and splits, written by the
-same run-directory writer as the heads (no head.pt) so the two tables compare line by line.
-It runs on the CPU (scikit-learn has no GPU path), so it takes no --device."""
+LogisticRegression (one per class, on its known labels) on the same standardized features and
+splits, written by the same run-directory writer as the heads (no head.pt) so the two tables
+compare line by line. It runs on the CPU (scikit-learn has no GPU path), so it takes no --device."""
 from __future__ import annotations
 
 import datetime

@@ -111,7 +111,7 @@ def test_a_val_split_with_nothing_to_score_stops_before_training(tmp_path):
         labels[table["split"] == "val"] = 0
         f["labels"][...] = labels
     result = call_main("heads.train", "--cache", path, "--out", tmp_path / "run")
-    assert result.returncode == 2 and "no class has both positive and negative rows in the val split" in result.stderr
+    assert result.returncode == 2 and "no class has both known positive and known negative rows in the val split" in result.stderr
 
 
 def test_train_on_two_caches_records_both(two_caches, tmp_path):
