@@ -290,6 +290,8 @@ def predict(*, run_dir: Path, inputs, out, weights_path, device, batch_size) -> 
     recorded = checkpoint.get("cache_fingerprints")
     if recorded is not None and list(recorded) != [r["fingerprint"] for r in recipes]:
         raise PredictError(f"{run_dir}: head.pt and config.json name different caches; use an untouched run directory")
+    if "pooled" in config:  # several datasets' rows, one encoder recipe (checked when pooled): embed once
+        recipes = recipes[:1]
     if sum(r["feature_dim"] for r in recipes) != checkpoint["in_dim"]:
         raise PredictError(f"{run_dir}: the head takes {checkpoint['in_dim']} features, its caches give "
                            f"{sum(r['feature_dim'] for r in recipes)}; use an untouched run directory")
