@@ -5,6 +5,7 @@ reference with a paired-bootstrap CI, DeLong's test and Holm-adjusted p-values.
 
     python -m heads.compare outputs/runs/resnet50 outputs/runs/densenet121 [--reference DIR]
     python -m heads.compare --label resnet=outputs/runs/resnet50 --label dino=outputs/runs/dino
+    python -m heads.compare RUN_A RUN_B --by sex,age,view      # also paired within each subgroup
 
 The reference defaults to the run with the best VALIDATION mean AUC. Each run is shown by a
 short label: --label NAME=RUN_DIR, else its folder name. Outputs: see heads/comparison.py.
@@ -23,10 +24,12 @@ import scipy
 from cache.flags import OneLineParser, Valid, number_type
 from cache.outdir import OutDirError, check_out_dir, discard_partial, finish_out_dir, prepare_out_dir
 from cache.runtime import versions
+from heads import subgroup_comparison
 from heads.cli import BOOTSTRAP_VALID
 from heads.comparison import CompareError, check_same_test_rows, choose_reference, compare_runs, label_runs, load_run
 from heads.comparison_report import format_terminal, write_comparison
 from heads.efficiency import compare_efficiency_runs, efficiency_comparison
+from heads.subgroups import ATTRIBUTES, parse_by
 
 
 def get_args_parser(add_help=True):
@@ -44,6 +47,11 @@ def get_args_parser(add_help=True):
                         help=f"patient resamples (default: 1000; allowed {BOOTSTRAP_VALID.describe()})")
     parser.add_argument("--seed", type=number_type(int, Valid(0, 2 ** 63 - 1)), default=0,
                         help="seed of the resamples (default: 0)")
+    parser.add_argument("--by", type=parse_by, default=(),
+                        help=f"also compare the runs within each subgroup of any of {','.join(ATTRIBUTES)} (paired: "
+                             "the same rows in every run), from the per-row metadata of the runs' cache")
+    parser.add_argument("--metadata-cache", default=None, metavar="PATH",
+                        help="the cache whose metadata --by reads (default: the cache the first run records)")
     return parser
 
 
@@ -67,8 +75,13 @@ def main(args) -> int:
             raise CompareError("give at least two different run directories to compare")
         check_out_dir(out, kind="comparison", overwrite=args.overwrite)  # before reading any run
         if efficiency_comparison(names):  # label-efficiency runs: paired per fraction (heads/efficiency.py)
+            if args.by:
+                raise CompareError("--by compares single runs within subgroups; label-efficiency runs are compared "
+                                   "per fraction: leave out --by")
             return compare_efficiency_runs(names, args=args, out=out)
         runs, reference, reason = _read_runs(names, args)
+        metadata = subgroup_comparison.test_metadata(runs, args.by, metadata_cache=args.metadata_cache) \
+            if args.by else None
         partial = prepare_out_dir(out, kind="comparison", overwrite=args.overwrite)
     except (CompareError, OutDirError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -77,6 +90,8 @@ def main(args) -> int:
         comparison = compare_runs(runs, reference=reference, reference_reason=reason, n_resamples=args.bootstrap,
                                   seed=args.seed)
         write_comparison(partial, comparison, versions=versions(scipy=scipy.__version__, pandas=pandas.__version__))
+        by_group = None if metadata is None else write_by_group(partial, runs, metadata=metadata, args=args,
+                                                                reference=reference)
         finish_out_dir(partial, out, kind="comparison")
     except OutDirError as err:  # --out changed while the comparison was made: the work is kept in partial
         print(f"error: {err}", file=sys.stderr)
@@ -85,8 +100,21 @@ def main(args) -> int:
         discard_partial(partial, kind="comparison")
         raise
     print(format_terminal(comparison))
-    print(f"comparison: {out} (comparison.md, comparison.csv, paired_differences.csv, forest_plot.png)")
+    if by_group is not None:
+        print(subgroup_comparison.format_terminal(by_group))
+    print(f"comparison: {out} (comparison.md, comparison.csv, paired_differences.csv, forest_plot.png"
+          f"{', subgroup_differences.csv' if by_group is not None else ''})")
     return 0
+
+
+def write_by_group(partial: Path, runs, *, metadata, args, reference):
+    """subgroup_differences.csv and its section of comparison.md; returns the table."""
+    table = subgroup_comparison.compare_by(runs, metadata=metadata, by=args.by, reference=reference,
+                                           n_resamples=args.bootstrap, seed=args.seed)
+    table.to_csv(partial / "subgroup_differences.csv", index=False, float_format="%.6g")
+    with open(partial / "comparison.md", "a") as md:
+        md.write("\n" + subgroup_comparison.markdown(table, by=args.by, n_resamples=args.bootstrap))
+    return table
 
 
 def _read_runs(names, args):

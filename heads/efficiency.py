@@ -162,10 +162,11 @@ def fit_subset(grid: list, *, fraction, repeat, seed, train: Split, val: Split, 
 
 
 def run_efficiency(*, grid: list, data, cache_path, out, device, fractions, repeats: int, overwrite=False,
-                   name: str | None = None, quiet=False) -> tuple[Path, pd.DataFrame]:
+                   name: str | None = None, quiet=False, on_fit=None) -> tuple[Path, pd.DataFrame]:
     """Fit every (fraction, repeat), write the run directory under `<out>.partial` and move it
     into place; returns (run dir, the summary table). Fractions that keep no patient are refused
-    before anything is written."""
+    before anything is written. `on_fit(fit)` is called after each fit, while its head is held
+    (heads/transfer_efficiency.py scores it on other caches)."""
     fractions = sorted(fractions)
     n_patients = len(np.unique(data.train.patient_ids))
     check_fractions(fractions, n_patients)
@@ -185,6 +186,8 @@ def run_efficiency(*, grid: list, data, cache_path, out, device, fractions, repe
                 write_predictions(partial / PREDICTIONS / f"{fit.stem}_test.csv", data.test, fit.test_scores,
                                   data.classes)
                 fits.append(fit)
+                if on_fit is not None:
+                    on_fit(fit)
                 if not quiet:
                     print(progress_line(fit, data=data), flush=True)
         table, summary = write_efficiency(partial, fits=fits, data=data, grid=grid, cache_path=cache_path,

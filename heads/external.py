@@ -35,7 +35,7 @@ from heads.fit import predict_proba
 from heads.metrics import auc_per_class, bootstrap_auc, confidence_intervals, mean_auc, plot_roc_curves
 from heads.operating import write_operating_report
 from heads.predict import PredictError, read_checkpoint, read_run
-from heads.report import write_json, write_predictions
+from heads.report import recipe_marks, write_json, write_predictions
 
 # What decides what a feature means: two caches agreeing on these hold the same encoder's
 # features (precision and storage dtype only round them).
@@ -57,6 +57,8 @@ def dataset_of(attrs: dict) -> str:
 
 
 def dataset_title(dataset: str) -> str:
+    if "+" in dataset:  # a pooled run
+        return "pooled " + " + ".join(DATASET_NAMES.get(part, part) for part in dataset.split("+"))
     return DATASET_NAMES.get(dataset, dataset)
 
 
@@ -110,6 +112,11 @@ class SourceRun:
 
     @property
     def dataset(self) -> str:
+        """The dataset the head was trained on; a pooled run's datasets joined by "+" (its classes
+        are already shared names, which every dataset's mapping leaves as they are)."""
+        pooled = self.config.get("pooled")
+        if isinstance(pooled, dict) and pooled.get("datasets"):
+            return "+".join(map(str, pooled["datasets"]))
         return dataset_of(self.recipe)
 
     @property
@@ -351,12 +358,13 @@ def write_evaluation(partial: Path, evaluation: Evaluation, *, run_path=None, by
     has no say in any choice), `by` subgroups of the target rows, and the ROC plot. `run_path`:
     where the source run will be (heads.transfer builds it aside, then renames)."""
     metrics = dict(evaluation.metrics)
+    marks = recipe_marks([evaluation.run.recipe])
     metrics["operating"] = write_operating_report(
         partial, classes=evaluation.classes, val=source_validation(evaluation),
         test=SimpleNamespace(labels=evaluation.labels, scores=evaluation.scores,
                              patient_ids=evaluation.target.patient_ids, image_ids=evaluation.target.image_ids),
         metadata_test=evaluation.target.metadata, by=by, sensitivity=sensitivity, n_resamples=n_bootstrap,
-        seed=BOOTSTRAP_SEED)
+        seed=BOOTSTRAP_SEED, marks=marks)
     metrics["source_run"] = dict(metrics["source_run"], path=str(Path(run_path or evaluation.run.path).resolve()))
     write_json(partial / "config.json", evaluation_config(evaluation, run_path=run_path))
     write_json(partial / "metrics.json", metrics)
@@ -367,7 +375,7 @@ def write_evaluation(partial: Path, evaluation: Evaluation, *, run_path=None, by
     plot_roc_curves(partial / "roc_curves.png", labels=evaluation.labels, scores=evaluation.scores,
                     classes=[evaluation.pair_text(p) for p in evaluation.pairs],
                     aucs=[test["auc"][c] for c in evaluation.classes], ci=test["ci95"]["per_class"],
-                    title=figure_title(evaluation), marks=figure_marks(evaluation))
+                    title=figure_title(evaluation), marks=marks)
 
 
 def source_validation(evaluation: Evaluation) -> SimpleNamespace:
@@ -391,16 +399,6 @@ def figure_title(evaluation: Evaluation) -> str:
             f" scored on {evaluation.target.path.name} ({dataset_title(evaluation.target.dataset)}, "
             f"{evaluation.target.split} rows)\nmean AUC {test['mean_auc']:.3f} [{low:.3f}, {high:.3f}] over "
             f"{len(test['mean_over'])} shared classes")
-
-
-def figure_marks(evaluation: Evaluation) -> list:
-    recipe = evaluation.run.recipe
-    marks = []
-    if str(recipe.get("weights", "")).startswith("random("):
-        marks.append("RANDOM ENCODER WEIGHTS: a pipeline test, not a result")
-    if recipe.get("backbone") == "synthetic-gaussian":
-        marks.append("SYNTHETIC FEATURES")
-    return marks
 
 
 def format_evaluation(evaluation: Evaluation) -> str:

@@ -126,18 +126,7 @@ def plot_roc_curves(path, *, labels, scores, classes, aucs, ci, title: str, mark
         header.append((f"not scorable on test (no known positive or no known negative): {', '.join(skipped)}",
                        "black"))
     header += [(mark, "red") for mark in marks]
-    columns = min(4, max(len(drawn), 1))
-    rows = max(1, -(-len(drawn) // columns))
-    line_inches, panel_inches = 0.24, 3.3
-    fig = plt.figure(figsize=(max(panel_inches * columns, 7.5), panel_inches * rows + line_inches * (len(header) + 1)),
-                     layout="constrained")
-    top, body = fig.subfigures(2, 1, height_ratios=[line_inches * (len(header) + 1), panel_inches * rows])
-    for index, (line, color) in enumerate(header):
-        top.text(0.5, 1 - (index + 0.8) / (len(header) + 1), line, ha="center", va="center", color=color,
-                 fontsize=10, weight="bold" if color == "red" else "normal")
-    axes = body.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat[len(drawn):]:
-        ax.axis("off")
+    fig, axes = panels_under_header(plt, header, n_panels=len(drawn))
     for c, ax in zip(drawn, axes.flat):
         fpr, tpr = roc_points(labels[:, c], scores[:, c])
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
@@ -152,6 +141,25 @@ def plot_roc_curves(path, *, labels, scores, classes, aucs, ci, title: str, mark
         ax.set_aspect("equal")
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def panels_under_header(plt, header: list, *, n_panels: int):
+    """A figure of square panels (4 to a row) under lines of text, each (line, color): red lines
+    are the marks that keep a figure from passing for a result, set in bold. Unused panels are
+    hidden. Returns (figure, axes array)."""
+    columns = min(4, max(n_panels, 1))
+    rows = max(1, -(-n_panels // columns))
+    line_inches, panel_inches = 0.24, 3.3
+    fig = plt.figure(figsize=(max(panel_inches * columns, 7.5), panel_inches * rows + line_inches * (len(header) + 1)),
+                     layout="constrained")
+    top, body = fig.subfigures(2, 1, height_ratios=[line_inches * (len(header) + 1), panel_inches * rows])
+    for index, (line, color) in enumerate(header):
+        top.text(0.5, 1 - (index + 0.8) / (len(header) + 1), line, ha="center", va="center", color=color,
+                 fontsize=10, weight="bold" if color == "red" else "normal")
+    axes = body.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat[n_panels:]:
+        ax.axis("off")
+    return fig, axes
 
 
 def auc_on_device(labels, scores):

@@ -13,7 +13,6 @@ how to read it: docs/operating.md.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from cache.flags import Valid
-from heads.metrics import patient_resamples, roc_points
+from heads.metrics import panels_under_header, patient_resamples, roc_points
+from heads.report import write_json
 
 OPERATING_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "fnr")
 # Ten equal-width bins, scikit-learn's calibration_curve(strategy="uniform"): the usual
@@ -258,11 +258,12 @@ def calibration(labels, scores, patient_ids, *, n_bins: int = ECE_BINS, n_resamp
 
 
 def write_operating_report(out_dir, *, classes, val, test, metadata_test=None, by=(), sensitivity: float | None = None,
-                           n_resamples: int = 1000, seed: int = 0, n_bins: int = ECE_BINS) -> dict:
+                           n_resamples: int = 1000, seed: int = 0, n_bins: int = ECE_BINS, marks=()) -> dict:
     """Write the operating-point files of a run into `out_dir` and return their summary for
     metrics.json. `val` and `test` have .labels (n, C; 1, 0, NaN unknown), .scores (n, C) and
     .patient_ids; `metadata_test` is the test rows' cache metadata (cache.read_metadata, in test
-    row order), needed when `by` names attributes (heads.subgroups.ATTRIBUTES).
+    row order), needed when `by` names attributes (heads.subgroups.ATTRIBUTES); `marks` go on
+    reliability.png in red (heads.report.figure_marks).
 
         thresholds.json       per class threshold, how chosen (on validation only), val counts
         operating_points.csv  per class: threshold, n_pos, n_neg, sensitivity ... fnr, average
@@ -279,7 +280,7 @@ def write_operating_report(out_dir, *, classes, val, test, metadata_test=None, b
     val_labels = as_numpy(val.labels)
     thresholds = choose_thresholds(val_labels, saved_precision(val.scores), sensitivity=sensitivity)
     record = thresholds_record(classes, thresholds, val_labels, sensitivity=sensitivity)
-    (out_dir / "thresholds.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out_dir / "thresholds.json", record)
     labels, scores = as_numpy(test.labels), saved_precision(test.scores)
     common = dict(n_resamples=n_resamples, seed=seed)
     points = operating_points(labels, scores, thresholds, test.patient_ids, **common)
@@ -288,7 +289,8 @@ def write_operating_report(out_dir, *, classes, val, test, metadata_test=None, b
     table = operating_table(classes, points, precision, calibrated)
     with_exact_thresholds(table).to_csv(out_dir / "operating_points.csv", index=False, float_format="%.6g")
     calibration_table(classes, calibrated).to_csv(out_dir / "calibration.csv", index=False, float_format="%.6g")
-    plot_reliability(out_dir / "reliability.png", classes=classes, calibrated=calibrated, labels=labels, n_bins=n_bins)
+    plot_reliability(out_dir / "reliability.png", classes=classes, calibrated=calibrated, labels=labels, n_bins=n_bins,
+                     marks=marks)
     summary = {"thresholds": record, "bootstrap": {"resamples": n_resamples, "unit": "patient", "seed": seed},
                "test": _json_ready(table.set_index("class").to_dict(orient="index")),
                "calibration_bins": n_bins}
@@ -357,24 +359,22 @@ def _json_ready(value):
     return None if isinstance(value, float) and np.isnan(value) else value
 
 
-def plot_reliability(path, *, classes, calibrated, labels, n_bins: int = ECE_BINS) -> None:
+def plot_reliability(path, *, classes, calibrated, labels, n_bins: int = ECE_BINS, marks=()) -> None:
     """One panel per class with known test rows: observed fraction positive against mean
     predicted probability per bin (on the diagonal = calibrated), the share of rows in each bin
-    as grey bars (the ECE weighs bins by it), and the ECE with its 95% CI in the title."""
+    as grey bars (the ECE weighs bins by it), and the ECE with its 95% CI in the title. `marks`
+    (random encoder weights, synthetic features) are printed in red, as on roc_curves.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     drawn = [c for c in range(len(classes)) if calibrated[c]["curve"] is not None]
-    columns = min(4, max(len(drawn), 1))
-    rows = max(1, -(-len(drawn) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.3 * rows + 0.6), squeeze=False,
-                             layout="constrained")
     skipped = [classes[c] for c in range(len(classes)) if c not in drawn]
-    fig.suptitle(f"Reliability on test ({n_bins} equal-width bins; ECE with 95% CI over patients)"
-                 + (f"\nno known test labels: {', '.join(skipped)}" if skipped else ""), fontsize=10)
-    for ax in axes.flat[len(drawn):]:
-        ax.axis("off")
+    header = [(f"Reliability on test ({n_bins} equal-width bins; ECE with 95% CI over patients)", "black")]
+    if skipped:
+        header.append((f"no known test labels: {', '.join(skipped)}", "black"))
+    header += [(mark, "red") for mark in marks]
+    fig, axes = panels_under_header(plt, header, n_panels=len(drawn))
     width = 1 / n_bins
     for c, ax in zip(drawn, axes.flat):
         curve, entry = calibrated[c]["curve"], calibrated[c]

@@ -103,22 +103,39 @@ def _layers(recipe: dict) -> str:
 
 
 def figure_title(config: dict, metrics: dict, *, official_nih: bool) -> tuple[str, list]:
-    """(title naming the run: encoders with their weights, caches, head and test mean; marks that
-    keep a figure of random weights, synthetic features or other data from passing for a result)."""
-    recipes = [config["cache_attrs"]] + [entry.get("attrs", {}) for entry in config.get("caches", [])[1:]]
+    """(title naming the run: encoders with their weights, caches, head and test mean; its marks,
+    `figure_marks`)."""
+    recipes = run_recipes(config)
     encoders = " + ".join(f"{r.get('backbone', '?')}{_layers(r)} ({r.get('weights', '?')})" for r in recipes)
     caches = ", ".join(Path(entry["path"]).name for entry in config.get("caches", [])) or Path(config["cache"]).name
     test = metrics["test"]
     title = (f"{encoders}, cache {caches}\n{config.get('model', 'head')}: test mean AUC {test['mean_auc']:.3f} "
              f"[{test['ci95']['mean'][0]:.3f}, {test['ci95']['mean'][1]:.3f}]")
+    return title, figure_marks(config, official_nih=official_nih)
+
+
+def run_recipes(config: dict) -> list:
+    """The encoder recipe of each cache of a run's config.json."""
+    return [config["cache_attrs"]] + [entry.get("attrs", {}) for entry in config.get("caches", [])[1:]]
+
+
+def figure_marks(config: dict, *, official_nih: bool) -> list:
+    """Red lines that keep a run's figure of random weights, synthetic features or other data
+    from passing for a result."""
+    marks = recipe_marks(run_recipes(config))
+    if not official_nih:
+        marks.append("not the official NIH test split")
+    return marks
+
+
+def recipe_marks(recipes: list) -> list:
+    """The marks of encoder recipes: random weights, synthetic features."""
     marks = []
     if any(str(r.get("weights", "")).startswith("random(") for r in recipes):
         marks.append("RANDOM ENCODER WEIGHTS: a pipeline test, not a result")
     if any(r.get("backbone") == "synthetic-gaussian" for r in recipes):
         marks.append("SYNTHETIC FEATURES")
-    if not official_nih:
-        marks.append("not the official NIH test split")
-    return title, marks
+    return marks
 
 
 def write_json(path, content) -> None:

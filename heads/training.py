@@ -19,7 +19,7 @@ from heads.estimator import Head
 from heads.fit import predict_proba, resolve_precision
 from heads.model import WEIGHTING_FORMULA
 from heads.operating import write_operating_report
-from heads.report import format_table, per_class_table, score_run, write_run
+from heads.report import figure_marks, format_table, per_class_table, score_run, write_run
 
 
 def train_and_report(*, cache_path, settings: dict, out, device, overwrite=False, n_bootstrap=1000,
@@ -53,13 +53,14 @@ def fit_and_report(estimator, *, cache_path, out, device, overwrite=False, n_boo
                "rows_not_done": data.excluded}
         metrics = score_run(classes=data.classes, val=data.val, val_scores=val_scores, test=data.test,
                             test_scores=test_scores, fit=fit, n_bootstrap=n_bootstrap, seed=settings["seed"])
-        metrics["operating"] = write_operating_report(
-            partial, classes=data.classes, val=scored_rows(data.val, val_scores),
-            test=scored_rows(data.test, test_scores), metadata_test=data.test.metadata, by=by,
-            sensitivity=sensitivity, n_resamples=n_bootstrap, seed=settings["seed"])
         config = run_config(cache_path=cache_path, data=data, settings=settings, device=device,
                             class_weights_used=estimator.class_weights_used(), n_bootstrap=n_bootstrap,
                             extra={"model": estimator.kind, "name": name, **(extra_config or {})})
+        metrics["operating"] = write_operating_report(
+            partial, classes=data.classes, val=scored_rows(data.val, val_scores),
+            test=scored_rows(data.test, test_scores), metadata_test=data.test.metadata, by=by,
+            sensitivity=sensitivity, n_resamples=n_bootstrap, seed=settings["seed"],
+            marks=figure_marks(config, official_nih=data.official_nih))
         write_run(partial, classes=data.classes, config=config, metrics=metrics, val=data.val,
                   val_scores=val_scores, test=data.test, test_scores=test_scores,
                   checkpoint=estimator.checkpoint(data), official_nih=data.official_nih, tables=estimator.tables())

@@ -4,6 +4,8 @@ trains it (the same settings, a grid chosen on validation), scored on every cach
 the classes the two share (cache/vocabulary.py); the diagonal is each head on its own test split.
 
     python -m heads.transfer --cache nih.h5 --cache chexpert.h5 --cache padchest.h5 --out outputs/transfer/resnet50
+    python -m heads.transfer --cache nih.h5 --cache chexpert.h5 --train-fraction 0.01,0.1,1 --repeats 5
+                     (label efficiency across datasets: heads/transfer_efficiency.py)
 
 Every cache must hold the same encoder recipe's features (a matrix compares datasets, not
 encoders). DIR holds:
@@ -37,7 +39,7 @@ import cache
 from cache.flags import OneLineParser, number_type
 from cache.outdir import OutDirError, check_out_dir, discard_partial, finish_out_dir, prepare_out_dir
 from cache.runtime import DeviceUnavailable, resolve_device, versions
-from heads import settings as head_settings
+from heads import settings as head_settings, transfer_efficiency
 from heads.cli import BOOTSTRAP_VALID, add_operating_args, check_subgroup_request
 from heads.data import HeadsError, load_head_data, scoring_warnings
 from heads.estimator import Head, HeadGrid
@@ -66,6 +68,7 @@ def get_args_parser(add_help=True):
                         help=f"patient resamples for every CI (default: 1000; allowed {BOOTSTRAP_VALID.describe()})")
     add_operating_args(parser)
     head_settings.add_setting_args(parser, grid=True)
+    head_settings.add_efficiency_args(parser)
     return parser
 
 
@@ -343,17 +346,27 @@ def main(args) -> int:
     grid = head_settings.settings_grid(args)
     try:
         check_out_dir(out, kind=KIND, overwrite=args.overwrite)  # before any work
+        check_efficiency_request(args)
         sources = check_caches(args.cache)
         check_metadata(sources, args.by)
+        if args.train_fraction is not None:
+            transfer_efficiency.check_train_patients(sources, args.train_fraction)
         device = resolve_device(args.device)
         partial = prepare_out_dir(out, kind=KIND, overwrite=args.overwrite)
     except (ExternalError, HeadsError, cache.CacheError, OutDirError, DeviceUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        cells = build_matrix(partial, out, sources, grid=grid, device=device, n_bootstrap=args.bootstrap,
-                             by=args.by, sensitivity=args.sensitivity)
-        dropped = write_transfer(partial, sources=sources, cells=cells, grid=grid, n_bootstrap=args.bootstrap)
+        if args.train_fraction is not None:
+            table = transfer_efficiency.run_transfer_efficiency(
+                partial, sources, grid=grid, device=device, fractions=args.train_fraction,
+                repeats=args.repeats or head_settings.REPEATS.default)
+            summary = transfer_efficiency.write_outputs(partial, table, sources=sources, grid=grid,
+                                                       fractions=args.train_fraction, repeats=args.repeats or 1)
+        else:
+            cells = build_matrix(partial, out, sources, grid=grid, device=device, n_bootstrap=args.bootstrap,
+                                 by=args.by, sensitivity=args.sensitivity)
+            dropped = write_transfer(partial, sources=sources, cells=cells, grid=grid, n_bootstrap=args.bootstrap)
         finish_out_dir(partial, out, kind=KIND)
     except (HeadsError, ExternalError, cache.CacheError) as err:  # a source that cannot be trained on
         discard_partial(partial, kind=KIND)
@@ -365,9 +378,23 @@ def main(args) -> int:
     except BaseException:
         discard_partial(partial, kind=KIND)
         raise
+    if args.train_fraction is not None:
+        print(transfer_efficiency.format_summary(summary, sources=sources))
+        print(f"transfer: {out} (transfer_efficiency.md, .csv, .png; runs/ holds each source's efficiency run, "
+              f"evaluations/ every fit's predictions on every test split)")
+        return 0
     print(format_matrix(sources, cells, dropped))
     print(f"transfer: {out} (transfer.md, transfer.csv, transfer.png; runs/ and evaluations/ hold every run and cell)")
     return 0
+
+
+def check_efficiency_request(args) -> None:
+    """--repeats needs --train-fraction; a label-efficiency matrix reports AUCs per fraction only."""
+    if args.repeats is not None and args.train_fraction is None:
+        raise HeadsError("--repeats repeats a label-efficiency run; give --train-fraction too")
+    if args.train_fraction is not None and (args.by or args.sensitivity is not None):
+        raise HeadsError("--by and --sensitivity are not reported with --train-fraction (its figures are AUCs per "
+                         "fraction); run heads.transfer without --train-fraction for them")
 
 
 if __name__ == "__main__":

@@ -279,6 +279,7 @@ def test_roc_figure_names_the_run_scores_and_lists_what_it_cannot_draw(tmp_path,
     assert "13 of 14 classes scored on test" in header
     assert "not scorable on test (no known positive or no known negative): Hernia" in header
     assert ("SYNTHETIC FEATURES", "red") in texts
+    assert ("SYNTHETIC FEATURES", "red") in _texts(saved["reliability.png"])  # every figure of the run
     panels = [ax for ax in roc.get_axes() if ax.get_visible() and ax.axison]
     assert len(panels) == 13 and not any("Hernia" in ax.get_title() for ax in panels)
     test_labels = labels[table["split"] == "test"]

@@ -101,3 +101,18 @@ def test_by_without_metadata_is_refused_before_training(tmp_path, capsys):
         ["--cache", str(path), "--out", str(tmp_path / "run"), "--by", "sex", *FAST])) == 2
     assert "--by sex needs per-row sex, age and view" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_pooled_run_scored_elsewhere_is_named_as_pooled(two_datasets, tmp_path):
+    chexpert, padchest = two_datasets
+    vindr = tmp_path / "vindr.h5"
+    write_synthetic_cache(vindr, rows=ROWS, dim=12, dataset="vindr", weights="one-encoder",
+                          classes=["Atelectasis", "Pleural effusion", "Aortic enlargement"], separation=2.0, seed=3)
+    call_main("heads.train", "--pool", "--cache", chexpert, "--cache", padchest, "--out", tmp_path / "pooled", *FAST,
+              check_rc=0)
+    printed = call_main("heads.evaluate", tmp_path / "pooled", "--cache", vindr, "--out", tmp_path / "on-vindr",
+                        "--bootstrap", "40", check_rc=0).stdout
+    assert "Effusion (pooled CheXpert + PadChest) vs Pleural effusion (VinDr-CXR)" in printed
+    metrics = json.loads((tmp_path / "on-vindr" / "metrics.json").read_text())
+    assert metrics["source_run"]["dataset"] == "chexpert+padchest"
+    assert metrics["test"]["mean_over"] == ["Atelectasis", "Pleural effusion"]  # Nodule has no VinDr counterpart

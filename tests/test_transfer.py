@@ -122,3 +122,61 @@ def test_two_caches_of_one_dataset_are_refused(matrix, tmp_path):
     result = call_main("heads.transfer", "--cache", root / "nih.h5", "--cache", tmp_path / "nih-again.h5",
                        "--out", tmp_path / "out", *FAST, check_rc=2)
     assert "are both NIH" in result.stderr and not (tmp_path / "out").exists()
+
+
+# --train-fraction: label efficiency across datasets (heads/transfer_efficiency.py) -----------
+
+@pytest.fixture(scope="module")
+def efficiency(matrix):
+    root = matrix[0].parent
+    out = root / "efficiency"
+    result = call_main("heads.transfer", "--cache", root / "nih.h5", "--cache", root / "chexpert.h5",
+                       "--train-fraction", "0.2,1", "--repeats", "2", "--out", out, *FAST, check_rc=0)
+    return out, result
+
+
+def test_every_fit_is_scored_on_every_test_split_and_recomputes_from_its_predictions(efficiency):
+    from sklearn.metrics import roc_auc_score
+    from heads.transfer_efficiency import COLUMNS as EFFICIENCY_COLUMNS
+
+    out, result = efficiency
+    table = pd.read_csv(out / "transfer_efficiency.csv")
+    assert list(table.columns) == EFFICIENCY_COLUMNS
+    fits = table.groupby(["source", "target", "fraction", "repeat"]).size()
+    assert len(fits) == 2 * 2 * 2 * 2  # sources x targets x fractions x repeats
+    for (source, target, fraction, repeat), rows in table.groupby(["source", "target", "fraction", "repeat"]):
+        saved = pd.read_csv(out / "evaluations" / f"{source}-on-{target}" / f"f{fraction:g}-r{repeat}_test.csv")
+        for row in rows.itertuples():
+            known = saved[f"label_{row.target_class}"].notna()
+            expected = roc_auc_score(saved.loc[known, f"label_{row.target_class}"],
+                                     saved.loc[known, f"prob_{row.target_class}"])
+            assert row.test_auc == pytest.approx(expected, abs=1e-6)  # the CSV keeps 6 digits
+    assert "| nih | chexpert (CheXpert)" in (out / "transfer_efficiency.md").read_text()
+    assert (out / "transfer_efficiency.png").stat().st_size > 10_000 and "nih | nih*" in result.stdout
+
+
+def test_each_source_is_a_label_efficiency_run_whose_own_test_figures_the_matrix_repeats(efficiency):
+    out, _ = efficiency
+    table = pd.read_csv(out / "transfer_efficiency.csv")
+    own = pd.read_csv(out / "runs" / "nih" / "efficiency.csv").dropna(subset=["test_auc"])
+    home = table[(table["source"] == "nih") & (table["target"] == "nih")].set_index(["fraction", "repeat", "class"])
+    for _, row in own.iterrows():
+        assert home.loc[(row["fraction"], row["repeat"], row["class"]), "test_auc"] == pytest.approx(row["test_auc"],
+                                                                                                  abs=1e-9)
+    full = table[table["fraction"] == 1]
+    shifted = full[(full["source"] == "nih") & (full["target"] == "chexpert") & (full["class"] == "Cardiomegaly")]
+    assert shifted["test_auc"].mean() == pytest.approx(planted_auc(SEPARATION, math.pi / 2), abs=0.07)
+    held = full[(full["source"] == "nih") & (full["target"] == "chexpert") & (full["class"] == "Effusion")]
+    assert held["test_auc"].mean() == pytest.approx(planted_auc(SEPARATION), abs=0.05)
+    small = table[table["fraction"] == 0.2]
+    assert (small["n_train_images"] < full["n_train_images"].min()).all()
+
+
+@pytest.mark.parametrize("flags, message", [(["--train-fraction", "0.5", "--by", "sex"], "--by and --sensitivity"),
+                                            (["--repeats", "2"], "give --train-fraction too")])
+def test_efficiency_flags_that_do_not_fit_are_one_line(matrix, tmp_path, flags, message):
+    root = matrix[0].parent
+    result = call_main("heads.transfer", "--cache", root / "nih.h5", "--cache", root / "chexpert.h5",
+                       "--out", tmp_path / "out", *flags, *FAST, check_rc=2)
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
