@@ -99,16 +99,30 @@ class TargetScorer:
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Per (source, target, fraction): mean training images, and the mean, min and max over
-    repeats of each fit's mean AUC over its scorable pairs."""
-    per_fit = (table.dropna(subset=["test_auc"])
-               .groupby(["source", "target", "fraction", "repeat"], sort=False)
+    """Per (source, target, fraction): mean training images; the mean, min and max over repeats
+    of each fit's mean AUC over its scorable pairs; and the mean over repeats of the fit's drop,
+    as heads.transfer defines it: its mean AUC on its own test split minus on the target's, both
+    over the classes scorable in both (empty on the diagonal and where none is)."""
+    scored = table.dropna(subset=["test_auc"])
+    per_fit = (scored.groupby(["source", "target", "fraction", "repeat"], sort=False)
                .agg(n_train_images=("n_train_images", "first"), mean_auc=("test_auc", "mean"),
                     classes=("test_auc", "size")).reset_index())
+    per_fit["drop"] = [_drop(scored, fit) for fit in per_fit.itertuples()]
     return (per_fit.groupby(["source", "target", "fraction"], sort=False)
             .agg(n_train_images=("n_train_images", "mean"), mean_auc=("mean_auc", "mean"),
-                 min_auc=("mean_auc", "min"), max_auc=("mean_auc", "max"), repeats=("repeat", "size"),
-                 classes=("classes", "max")).reset_index())
+                 min_auc=("mean_auc", "min"), max_auc=("mean_auc", "max"), drop=("drop", "mean"),
+                 repeats=("repeat", "size"), classes=("classes", "max")).reset_index())
+
+
+def _drop(scored: pd.DataFrame, fit) -> float:
+    if fit.source == fit.target:
+        return np.nan
+    same_fit = (scored["source"] == fit.source) & (scored["fraction"] == fit.fraction) & \
+        (scored["repeat"] == fit.repeat)
+    home = scored[same_fit & (scored["target"] == fit.source)].set_index("class")["test_auc"]
+    away = scored[same_fit & (scored["target"] == fit.target)].set_index("class")["test_auc"]
+    common = home.index.intersection(away.index)
+    return float(home[common].mean() - away[common].mean()) if len(common) else np.nan
 
 
 def write_outputs(partial: Path, table: pd.DataFrame, *, sources, grid, fractions, repeats: int) -> pd.DataFrame:
@@ -130,12 +144,16 @@ def format_summary(summary: pd.DataFrame, *, sources) -> str:
     datasets = {source.name: dataset_title(source.dataset) for source in sources}
     lines = ["mean test AUC over the class pairs each test split scores (min-max over repeats); a source's own "
              "test split marked *", "",
-             "| source | target | fraction | train images | mean AUC | min-max | classes |", "|---|---|---|---|---|---|---|"]
+             "| source | target | fraction | train images | mean AUC | min-max | classes | drop |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in summary.itertuples():
         own = "*" if row.source == row.target else ""
+        drop = "" if np.isnan(row.drop) else f"{row.drop:+.4f}"
         lines.append(f"| {row.source} | {row.target}{own} ({datasets[row.target]}) | {row.fraction:g} | "
                      f"{row.n_train_images:.0f} | {row.mean_auc:.4f} | {row.min_auc:.4f}-{row.max_auc:.4f} | "
-                     f"{row.classes} |")
+                     f"{row.classes} | {drop} |")
+    lines += ["", "drop: mean over repeats of (the fit's mean AUC on its own test split - on the target's), both over "
+              "the classes scorable in both, as heads.transfer defines it"]
     return "\n".join(lines)
 
 

@@ -172,6 +172,26 @@ def test_each_source_is_a_label_efficiency_run_whose_own_test_figures_the_matrix
     assert (small["n_train_images"] < full["n_train_images"].min()).all()
 
 
+def test_the_drop_per_fraction_is_the_matrix_drop_of_each_fit(efficiency):
+    from heads.transfer_efficiency import summarize
+
+    out, result = efficiency
+    table = pd.read_csv(out / "transfer_efficiency.csv").dropna(subset=["test_auc"])
+    drops = []
+    for repeat in (0, 1):
+        fit = table[(table["source"] == "nih") & (table["fraction"] == 1) & (table["repeat"] == repeat)]
+        home = fit[fit["target"] == "nih"].set_index("class")["test_auc"]
+        away = fit[fit["target"] == "chexpert"].set_index("class")["test_auc"]
+        common = sorted(set(home.index) & set(away.index))
+        assert common == ["Cardiomegaly", "Effusion"]
+        drops.append(home[common].mean() - away[common].mean())
+    summary = summarize(table).set_index(["source", "target", "fraction"])
+    assert summary.loc[("nih", "chexpert", 1), "drop"] == pytest.approx(np.mean(drops), abs=1e-12)
+    assert summary.loc[("nih", "chexpert", 1), "drop"] > 0.1  # the planted Cardiomegaly shift
+    assert np.isnan(summary.loc[("nih", "nih", 1), "drop"])
+    assert f"{np.mean(drops):+.4f}" in result.stdout
+
+
 @pytest.mark.parametrize("flags, message", [(["--train-fraction", "0.5", "--by", "sex"], "--by and --sensitivity"),
                                             (["--repeats", "2"], "give --train-fraction too")])
 def test_efficiency_flags_that_do_not_fit_are_one_line(matrix, tmp_path, flags, message):
