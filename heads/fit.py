@@ -141,7 +141,8 @@ class Training:
         self.results = {}
         self.autocast = _autocast_for(resolve_precision(shared.get("precision", "auto"), device), device)
         self.convert = self.autocast is contextlib.nullcontext  # float16 features -> float32
-        self.epoch = 0
+        self.epoch = 0  # epochs begun; the current one is done when `slices` is None
+        self.slices, self.next_slice = None, 0
 
     def live(self) -> list:
         """Indices of the heads still training."""
@@ -152,18 +153,43 @@ class Training:
 
     def run_epoch(self, *, on_epoch=None) -> None:
         """One epoch of every live head, then score, record and stop the heads that are done."""
-        self.epoch += 1
-        for first, stop in epoch_slices(len(self.train), self.batch_size, self.shuffle):
-            x = self.train.features[first:stop]
-            x = x.float() if self.convert else x
-            targets = self.train.targets[first:stop]
-            known = None if self.train.known is None else self.train.known[first:stop]
+        self.run_until(self.epoch + (self.slices is None), on_epoch=on_epoch)
+
+    def run_until(self, point: float, *, on_epoch=None) -> None:
+        """Train every live head until `point` epochs (a fraction stops inside an epoch, after that
+        share of its minibatches); each epoch that ends is scored, recorded and may stop heads.
+        Stopping inside an epoch changes nothing: the rest of it follows the same minibatches."""
+        while self.live():
+            if self.slices is None:
+                if self.epoch >= point:
+                    return
+                self.epoch += 1
+                self.slices, self.next_slice = epoch_slices(len(self.train), self.batch_size, self.shuffle), 0
+            share = min(1.0, point - (self.epoch - 1))
+            until = len(self.slices) if share >= 1 else round(share * len(self.slices))
+            for first, stop in self.slices[self.next_slice:until]:
+                self._step(first, stop)
+            self.next_slice = max(self.next_slice, until)
+            if self.next_slice < len(self.slices):
+                return  # inside the epoch: `point` reached
+            self.slices = None
             for stack in self.stacks:
-                stack.train_step(x, targets, autocast=self.autocast, known=known)
+                _end_epoch(stack, self.epoch, self.tracks, self.results, train=self.train, val=self.val,
+                           start=self.start, on_epoch=on_epoch)
+            self.stacks = [stack for stack in self.stacks if len(stack)]
+
+    def _step(self, first: int, stop: int) -> None:
+        x = self.train.features[first:stop]
+        x = x.float() if self.convert else x
+        targets = self.train.targets[first:stop]
+        known = None if self.train.known is None else self.train.known[first:stop]
         for stack in self.stacks:
-            _end_epoch(stack, self.epoch, self.tracks, self.results, train=self.train, val=self.val,
-                       start=self.start, on_epoch=on_epoch)
-        self.stacks = [stack for stack in self.stacks if len(stack)]
+            stack.train_step(x, targets, autocast=self.autocast, known=known)
+
+    def current_val_aucs(self) -> dict:
+        """{index: validation mean AUC of its weights now} for every live head; records nothing
+        (a rung inside an epoch ranks heads by it)."""
+        return {index: auc for stack in self.stacks for index, auc in zip(stack.indices, _val_aucs(stack, self.val))}
 
     def stop(self, indices, *, status: str, reason: str | None = None) -> None:
         """Stop the live heads at `indices` (of `settings_list`) with `status`; their results keep
@@ -208,10 +234,7 @@ def _end_epoch(stack: HeadStack, epoch: int, tracks: dict, results: dict, *, tra
     _keep(stack, finite)
     if not len(stack):
         return
-    chunk_rows = max(1, VALIDATION_BYTES // (4 * len(stack) * sum(stack.sizes[1:])))
-    probabilities = torch.sigmoid(stack.predict_logits(val.features, chunk_rows=chunk_rows))
-    per_class = auc_on_device(val.labels, probabilities)
-    val_aucs = torch.nanmean(per_class, dim=1).tolist()  # one host sync per epoch for all heads
+    val_aucs = _val_aucs(stack, val)
     improved, stopping = [], {}
     for position, (val_auc, index) in enumerate(zip(val_aucs, stack.indices)):
         track = tracks[index]
@@ -230,6 +253,14 @@ def _end_epoch(stack: HeadStack, epoch: int, tracks: dict, results: dict, *, tra
     for position, status in stopping.items():
         _finish(stack, position, tracks, results, status=status, reason=None, start=start)
     _keep(stack, [p for p in range(len(stack)) if p not in stopping])
+
+
+def _val_aucs(stack: HeadStack, val) -> list:
+    """Validation mean AUC of every head of the stack, as its weights are now."""
+    chunk_rows = max(1, VALIDATION_BYTES // (4 * len(stack) * sum(stack.sizes[1:])))
+    probabilities = torch.sigmoid(stack.predict_logits(val.features, chunk_rows=chunk_rows))
+    per_class = auc_on_device(val.labels, probabilities)
+    return torch.nanmean(per_class, dim=1).tolist()  # one host sync for all heads
 
 
 def _keep(stack: HeadStack, positions: list) -> None:

@@ -130,11 +130,17 @@ def train_pass(run: SearchContext, trials: list, settings: list, *, n_jobs: int)
         epoch = 0
         while any(training.live() for training in trainings):
             epoch += 1
-            list(pool.map(lambda training: _run_epoch(training, on_epoch), [t for t in trainings if t.live()]))
-            if epoch in rungs:
-                rung = rungs.index(epoch) + 1
-                for index in halving.cut(trainings, rung=rung, started=len(trials), trials=trials):
-                    stopped_at[index] = (rung, epoch)
+            for point in [rung for rung in rungs if epoch - 1 < rung < epoch] + [epoch]:
+                live = [t for t in trainings if t.live()]
+                list(pool.map(lambda training: _run_until(training, point, on_epoch), live))
+                if point in rungs:
+                    rung = rungs.index(point) + 1
+                    cut = halving.cut(trainings, rung=rung, started=len(trials), trials=trials,
+                                      inside_epoch=point != epoch)
+                    for index, val_auc in cut.items():
+                        stopped_at[index] = (rung, point)
+                        if point < 1:  # cut inside its first epoch: the rung's figure is its only one
+                            _report_first(trials[index], val_auc)
     results = [None] * len(trials)
     for training in trainings:
         for index, result in training.results.items():
@@ -167,10 +173,19 @@ def _pruner_callback(trials: list):
     return on_epoch
 
 
-def _run_epoch(training, on_epoch) -> None:
-    """One epoch; a failure of the whole group (out of memory) fails each of its live heads."""
+def _report_first(trial, val_auc: float) -> None:
+    """Report a head cut before its first epoch ended at step 0, so that the sampler can tell
+    it from the others cut there (a pruned trial without values ranks last)."""
     try:
-        training.run_epoch(on_epoch=on_epoch)
+        trial.report(val_auc, 0)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass  # failed as stale by another worker
+
+
+def _run_until(training, point: float, on_epoch) -> None:
+    """Train to `point` epochs; a failure of the whole group (out of memory) fails each of its live heads."""
+    try:
+        training.run_until(point, on_epoch=on_epoch)
     except TRAINING_ERRORS as err:
         training.abandon(f"{type(err).__name__}: {err}")
 
@@ -187,40 +202,65 @@ class _FailedTraining:
 class Halving:
     """Synchronous successive halving inside a pass (Jamieson and Talwalkar 2016, the inner loop
     of Hyperband): every head of the pass trains `first_rung` epochs, then the best 1/eta by
-    validation AUC (best epoch so far, on the full val split) go on to `first_rung * eta`
-    epochs, and so on; after the last rung below max_epochs the survivors train until early
-    stopping, as a trial alone would. A rung stops only other heads, so a surviving head trains
-    exactly as it would alone. eta 1 is no halving."""
-    first_rung: int
+    validation AUC (on the full val split) go on to `first_rung * eta` epochs, and so on; after
+    the last rung below max_epochs the survivors train until early stopping, as a trial alone
+    would. A rung stops only other heads, so a surviving head trains exactly as it would alone.
+    eta 1 is no halving.
+
+    A rung may fall inside an epoch (`first_rung` below 1, or not a whole number): the pass stops
+    after that share of the epoch's minibatches, ranks the heads by the larger of their best
+    epoch so far and their validation AUC at that point, and the survivors go on with the same
+    minibatches. What a rung measures is how much data a head has seen, so `for_rows` sets the
+    first rung in rows: a cache with more train rows cuts at the same amount of training."""
+    first_rung: float
     eta: int
 
     @classmethod
     def off(cls) -> "Halving":
         return cls(first_rung=1, eta=1)
 
+    @classmethod
+    def for_rows(cls, rows_seen: int, *, train_rows: int, eta: int) -> "Halving":
+        """A first rung after `rows_seen` train rows (at most one epoch: a small cache cuts after
+        its first epoch), rounded to 1/1000 of an epoch."""
+        share = round(rows_seen / max(train_rows, 1), 3)
+        return cls(first_rung=1 if share >= 1 else share, eta=eta)
+
     def rungs(self, max_epochs: int) -> list:
-        """The epochs after which a pass is cut."""
+        """The points, in epochs, after which a pass is cut."""
         if self.eta < 2:
             return []
-        epochs, epoch = [], self.first_rung
-        while epoch < max_epochs:
-            epochs.append(epoch)
-            epoch *= self.eta
-        return epochs
+        points, rung = [], 0
+        while round(self.first_rung * self.eta ** rung, 6) < max_epochs:
+            point = round(self.first_rung * self.eta ** rung, 6)
+            points.append(int(point) if point == int(point) else point)
+            rung += 1
+        return points
 
-    def cut(self, trainings: list, *, rung: int, started: int, trials: list) -> list:
+    def cut(self, trainings: list, *, rung: int, started: int, trials: list, inside_epoch: bool = False) -> dict:
         """Stop all but the best max(1, started // eta^rung) live heads (ties: the earlier
-        trial); returns the trial indices stopped. The count follows the schedule, not the heads
-        still live, so heads the pruner or early stopping ended do not shrink the later rungs."""
+        trial); returns {trial index stopped: the validation AUC it was ranked by}. The count follows the schedule, not the heads
+        still live, so heads the pruner or early stopping ended do not shrink the later rungs.
+        Inside an epoch a head is ranked by the larger of its best epoch so far and its
+        validation AUC now."""
         keep = max(1, started // self.eta ** rung)
+        now = {}
+        if inside_epoch:
+            for training in trainings:
+                if training.live():
+                    now.update(training.current_val_aucs())
         live = [(training, index) for training in trainings for index in training.live()]
-        ranked = sorted(live, key=lambda item: (-item[0].best_val_auc(item[1]), trials[item[1]].number))
-        losers = {}
+
+        def score(training, index):
+            return max(training.best_val_auc(index), now.get(index, float("-inf")))
+        ranked = sorted(live, key=lambda item: (-score(*item), trials[item[1]].number))
+        losers, ranked_by = {}, {}
         for training, index in ranked[keep:]:
             losers.setdefault(id(training), (training, []))[1].append(index)
+            ranked_by[index] = score(training, index)
         for training, indices in losers.values():
             training.stop(indices, status="pruned")
-        return sorted(index for _, indices in losers.values() for index in indices)
+        return dict(sorted(ranked_by.items()))
 
 
 def _failed(reason: str) -> FitResult:

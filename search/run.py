@@ -34,11 +34,14 @@ from search.study import FINISHED, best_text, best_trial, count, fail_interrupte
 
 # Trials per pass when --trials-per-pass is not given, by device, and the successive-halving
 # schedule inside a pass (docs/performance.md: measured on a 2-core CPU with the benchmark's
-# defaults against one trial at a time). A pass of 16 keeps its best 5 after one epoch and its
-# best one after three: most epochs go to the heads that win. A GPU step is launch overhead
-# that K heads share, hence more heads there (not yet measured on a GPU).
+# defaults against one trial at a time). A pass of 16 keeps its best 5 after its first rung and
+# its best one after the second: most epochs go to the heads that win. The first rung is set in
+# train rows seen, one epoch of the quarter-NIH-scale cache it was measured on (19,536 rows),
+# and at most one epoch: a larger cache cuts after the same amount of training, inside its
+# first epoch. A GPU step is launch overhead that K heads share, hence more heads there (not
+# yet measured on a GPU).
 DEFAULT_PER_PASS = {"cpu": 16, "cuda": 32}
-DEFAULT_FIRST_RUNG, DEFAULT_ETA = 1, 3
+DEFAULT_FIRST_RUNG_ROWS, DEFAULT_ETA = 20_000, 3
 DEFAULT_STALE_AFTER_S = 60.0
 SEED_MAX = 2**32 - 1  # numpy's RandomState, behind Optuna's samplers, takes seeds up to here
 SEED_TYPE = number_type(int, Valid(0, SEED_MAX))
@@ -72,9 +75,11 @@ def get_args_parser(add_help=True):
                         help="K trials asked at once and trained together on one stream of minibatches; 1 trains "
                              f"one at a time (default: {DEFAULT_PER_PASS['cpu']} on CPU, "
                              f"{DEFAULT_PER_PASS['cuda']} on CUDA)")
-    parser.add_argument("--halving-first-rung", type=number_type(int, Valid(1)), default=DEFAULT_FIRST_RUNG,
-                        help="successive halving inside a pass: every head trains this many epochs, then the best "
-                             f"1/eta go on (>= 1; default: {DEFAULT_FIRST_RUNG})")
+    parser.add_argument("--halving-first-rung", type=number_type(float, Valid(0, low_open=True)), default=None,
+                        metavar="EPOCHS",
+                        help="successive halving inside a pass: every head trains this many epochs (a fraction stops "
+                             "inside an epoch), then the best 1/eta go on (> 0; default: the epochs of "
+                             f"{DEFAULT_FIRST_RUNG_ROWS:,} train rows, at most 1)")
     parser.add_argument("--halving-eta", type=number_type(int, Valid(1)), default=DEFAULT_ETA,
                         help="at each rung (first rung x eta^i epochs) a pass keeps its best 1/eta heads by "
                              f"validation AUC; 1 turns halving off (>= 1; default: {DEFAULT_ETA})")
@@ -161,14 +166,16 @@ def search_and_report(args, *, out: Path, url: str, seed: int) -> int:
         open_dir(out, kind="search")
     else:  # held by this process alone (sole_user): a RUNNING trial is a killed run's
         fail_interrupted_trials(study)
+    halving = halving_schedule(args, train_rows=len(data.train))
     start = time.perf_counter()
     ran = run_with_progress(study, args=args, data=data, fixed=fixed, device=device, url=url, per_pass=per_pass,
-                            sets=sets)
+                            sets=sets, halving=halving)
     seconds = time.perf_counter() - start
     best = best_trial(study)
     search_config = {"study": args.study_name, "storage": mask_url(url), "trials": args.trials,
                      "trials_per_pass": per_pass, "n_jobs": args.n_jobs, "pruner": args.pruner,
-                     "halving": {"first_rung": args.halving_first_rung, "eta": args.halving_eta},
+                     "halving": {"first_rung": halving.first_rung, "eta": halving.eta,
+                                 **({} if args.halving_first_rung else {"first_rung_rows": DEFAULT_FIRST_RUNG_ROWS})},
                      "sampler": "TPE, constant liar", "sampler_seed": seed, "worker_index": args.worker_index,
                      "fixed": fixed, "search_space": space, "cache": [str(p) for p in paths], "feature_sets": sets}
     run_dir, metrics, settings, best_data = retrain_best(best, args=args, out=out, data=data, fixed=fixed,
@@ -178,6 +185,14 @@ def search_and_report(args, *, out: Path, url: str, seed: int) -> int:
                   data=best_data)
     print_standing(out, run_dir)
     return 0
+
+
+def halving_schedule(args, *, train_rows: int) -> Halving:
+    """--halving-first-rung as given (epochs), else DEFAULT_FIRST_RUNG_ROWS rows seen."""
+    if args.halving_first_rung:
+        first = args.halving_first_rung
+        return Halving(first_rung=int(first) if first == int(first) else first, eta=args.halving_eta)
+    return Halving.for_rows(DEFAULT_FIRST_RUNG_ROWS, train_rows=train_rows, eta=args.halving_eta)
 
 
 def feature_sets(paths: list, data) -> dict:
@@ -208,7 +223,7 @@ def retrain_best(best, *, args, out, data, fixed, device, sets, search_config):
     return run_dir, metrics, {**settings, **({"features": chosen} if chosen else {})}, best_data
 
 
-def run_with_progress(study, *, args, data, fixed, device, url, per_pass, sets) -> int:
+def run_with_progress(study, *, args, data, fixed, device, url, per_pass, sets, halving) -> int:
     """run_passes with a progress bar; returns how many trials this process finished."""
     progress = tqdm(total=args.trials, initial=min(count(study, FINISHED), args.trials), unit="trial", desc="search",
                     dynamic_ncols=True)
@@ -220,8 +235,7 @@ def run_with_progress(study, *, args, data, fixed, device, url, per_pass, sets) 
     liveness = Liveness(url, stale_after=args.stale_after)
     try:
         run = SearchContext(study=study, data=data, fixed=fixed, device=device, target=args.trials,
-                            liveness=liveness, feature_sets=sets,
-                            halving=Halving(first_rung=args.halving_first_rung, eta=args.halving_eta))
+                            liveness=liveness, feature_sets=sets, halving=halving)
         return run_passes(run, per_pass=per_pass, n_jobs=args.n_jobs, on_pass=on_pass,
                           deadline=None if args.timeout is None else time.time() + args.timeout)
     finally:

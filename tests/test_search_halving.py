@@ -73,6 +73,36 @@ def test_a_halving_pass_equals_its_heads_trained_alone_for_the_same_epochs(small
     assert {PASS[i]["batch_size"] for i in stopped_at} == {128, 256}
 
 
+def test_a_rung_inside_an_epoch_cuts_there_and_the_survivors_still_train_as_alone(small_cache):
+    from heads.fit import Training
+
+    data = load_head_data(small_cache)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    trials = [study.ask() for _ in PASS]
+    run = SearchContext(study=study, data=data, fixed=BASE, device="cpu", target=len(PASS), liveness=None,
+                        halving=Halving(first_rung=0.5, eta=2))
+    results, stopped_at = train_pass(run, trials, PASS, n_jobs=1)
+    # rungs at 0.5, 1, 2, 4 and 8 epochs: 8 heads -> 4 -> 2 -> 1 (the last two cut nothing)
+    assert sorted(stopped_at.values()) == [(1, 0.5)] * 4 + [(2, 1)] * 2 + [(3, 2)]
+    for index, result in enumerate(results):
+        if stopped_at.get(index) == (1, 0.5):  # cut before any epoch ended: its half-epoch AUC, at step 0
+            assert result.status == "pruned" and result.history == [] and result.model is None
+            alone = Training([index], PASS, train=data.train, val=data.val, device="cpu")
+            alone.run_until(0.5)
+            assert study.trials[trials[index].number].intermediate_values == {
+                0: pytest.approx(alone.current_val_aucs()[index], abs=1e-6)}
+            continue
+        epochs = stopped_at[index][1] if index in stopped_at else BASE["max_epochs"]
+        _same(fit_head(train=data.train, val=data.val, settings={**PASS[index], "max_epochs": epochs},
+                       device="cpu"), result)
+
+
+def test_the_default_first_rung_is_set_in_rows_seen():
+    assert Halving.for_rows(20_000, train_rows=19_536, eta=3).rungs(30) == [1, 3, 9, 27]  # one epoch, at most
+    assert Halving.for_rows(20_000, train_rows=78_146, eta=3).rungs(30) == [0.256, 0.768, 2.304, 6.912, 20.736]
+    assert Halving.for_rows(20_000, train_rows=600, eta=3).rungs(30) == [1, 3, 9, 27]
+
+
 def test_pruned_trials_carry_their_rung_and_the_best_retrained_alone_gives_its_value(small_cache, tmp_path):
     out = tmp_path / "s"
     call_main("search", "--cache", small_cache, "--out", out, "--trials", "16", "--trials-per-pass", "8",
