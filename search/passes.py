@@ -223,7 +223,7 @@ class Halving:
     def for_rows(cls, rows_seen: int, *, train_rows: int, eta: int) -> "Halving":
         """A first rung after `rows_seen` train rows (at most one epoch: a small cache cuts after
         its first epoch), rounded to 1/1000 of an epoch."""
-        share = round(rows_seen / max(train_rows, 1), 3)
+        share = max(0.001, round(rows_seen / max(train_rows, 1), 3))
         return cls(first_rung=1 if share >= 1 else share, eta=eta)
 
     def rungs(self, max_epochs: int) -> list:
