@@ -47,13 +47,18 @@ def _same(a, b, *, atol=1e-5):
         assert (x - y).abs().max() <= atol, name
 
 
-def test_a_halving_pass_equals_its_heads_trained_alone_for_the_same_epochs(small_cache):
+def _halving_pass(small_cache, halving):
+    """PASS trained as one pass of a study under `halving`: (data, study, trials, results, stopped_at)."""
     data = load_head_data(small_cache)
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
     trials = [study.ask() for _ in PASS]
     run = SearchContext(study=study, data=data, fixed=BASE, device="cpu", target=len(PASS), liveness=None,
-                        halving=Halving(first_rung=2, eta=2))
-    results, stopped_at = train_pass(run, trials, PASS, n_jobs=1)
+                        halving=halving)
+    return (data, study, trials, *train_pass(run, trials, PASS, n_jobs=1))
+
+
+def test_a_halving_pass_equals_its_heads_trained_alone_for_the_same_epochs(small_cache):
+    data, _, _, results, stopped_at = _halving_pass(small_cache, Halving(first_rung=2, eta=2))
     # rungs at epochs 2 and 4 and 8 (below max_epochs 9): 8 heads -> 4 -> 2 -> 1
     assert sorted(stopped_at.values()) == [(1, 2)] * 4 + [(2, 4)] * 2 + [(3, 8)]
     survivor = [i for i in range(len(PASS)) if i not in stopped_at]
@@ -76,12 +81,7 @@ def test_a_halving_pass_equals_its_heads_trained_alone_for_the_same_epochs(small
 def test_a_rung_inside_an_epoch_cuts_there_and_the_survivors_still_train_as_alone(small_cache):
     from heads.fit import Training
 
-    data = load_head_data(small_cache)
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
-    trials = [study.ask() for _ in PASS]
-    run = SearchContext(study=study, data=data, fixed=BASE, device="cpu", target=len(PASS), liveness=None,
-                        halving=Halving(first_rung=0.5, eta=2))
-    results, stopped_at = train_pass(run, trials, PASS, n_jobs=1)
+    data, study, trials, results, stopped_at = _halving_pass(small_cache, Halving(first_rung=0.5, eta=2))
     # rungs at 0.5, 1, 2, 4 and 8 epochs: 8 heads -> 4 -> 2 -> 1 (the last two cut nothing)
     assert sorted(stopped_at.values()) == [(1, 0.5)] * 4 + [(2, 1)] * 2 + [(3, 2)]
     for index, result in enumerate(results):
