@@ -8,6 +8,10 @@ reaches, and the best trial's test AUC beside it (reported, never used to choose
     python -m benchmarks.bench_search --scale 1 --variants default      # full NIH scale, default only
     python -m benchmarks.bench_search --baseline-trials 40              # K = 1 on fewer trials, when time is short
 
+With K = 1 among the variants it also prints how well a head's validation AUC after 1, 3 and 9
+epochs ranks the heads that trained to the end (Spearman, over K = 1's complete trials): what a
+rung that early can know.
+
 Each search is a real `python -m search` in a subprocess with its own SQLite study; its time
 includes loading the cache, retraining the best trial and scoring it on test. Each row notes the
 load average before and after it: the machine may be shared, and only ratios within one run
@@ -26,6 +30,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pandas as pd
 
 from benchmarks.table import print_measured
 from cache.synthetic import NIH_SCALE, write_synthetic_cache
@@ -41,6 +46,7 @@ def get_args_parser(add_help=True):
     parser.add_argument("--max-epochs", type=int, default=30)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    parser.add_argument("--sampler-seed", type=int, default=0, help="the same for every variant")
     parser.add_argument("--variants", default="default,1",
                         help="comma-separated schedules timed in this order: 'default' (the search's own), K "
                              "(K per pass, default halving; 1 is one trial at a time) or K:first_rung:eta")
@@ -68,7 +74,7 @@ def search_flags(variant: str) -> list:
 def time_search(cache, out, *, variant: str, trials: int, args) -> tuple[float, dict]:
     command = [sys.executable, "-m", "search", "--cache", str(cache), "--out", str(out), "--trials", str(trials),
                "--pruner", args.pruner, "--max-epochs", str(args.max_epochs), "--device", args.device,
-               "--bootstrap", "100", "--sampler-seed", "0", *search_flags(variant)]
+               "--bootstrap", "100", "--sampler-seed", str(args.sampler_seed), *search_flags(variant)]
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -79,7 +85,7 @@ def time_search(cache, out, *, variant: str, trials: int, args) -> tuple[float, 
     config = json.loads((out / "config.json").read_text())
     best = json.loads((out / "best_params.json").read_text())
     halving = config["halving"] if config["trials_per_pass"] > 1 and config["halving"]["eta"] > 1 else None
-    return seconds, {**states, "best": study.best_value, "test": best["retrained_test_mean_auc"], "epochs": epochs,
+    return seconds, {**states, "study": study, "best": study.best_value, "test": best["retrained_test_mean_auc"], "epochs": epochs,
                      "k": config["trials_per_pass"], "halving": halving, "trials": trials,
                      "load": f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}"}
 
@@ -104,7 +110,8 @@ def run(args) -> list[dict]:
                                         trials=trials, args=args)
             results[variant] = (seconds, info)
             rows.append({"stage": "search",
-                         "measure": f"{trials} trials, pruner {args.pruner}, {describe(info)}",
+                         "measure": f"{trials} trials, pruner {args.pruner}, {describe(info)}"
+                                    + (f", sampler seed {args.sampler_seed}" if args.sampler_seed else ""),
                          "value": f"{seconds:.0f} s",
                          "note": f"{sizes['train']} train rows x {args.dim}-d, max {args.max_epochs} epochs; "
                                  f"{info['COMPLETE']} complete, {info['PRUNED']} pruned, {info['FAIL']} failed; "
@@ -118,6 +125,28 @@ def run(args) -> list[dict]:
                 scaled = " (K = 1 time scaled per trial)" if one["trials"] != info["trials"] else ""
                 row["note"] += (f"; {per_trial * info['trials'] / seconds:.2f}x faster than K = 1{scaled}, best val "
                                 f"{info['best'] - one['best']:+.4f} against it")
+        rows += horizon_rows(one["study"])
+    return rows
+
+
+def horizon_rows(study, *, epochs=(1, 3, 9), top=5) -> list[dict]:
+    """How a rung after `epochs` would rank the heads that trained to early stopping: the
+    Spearman correlation of each head's best validation AUC by then with its final one, and
+    where the `top` best finals stand in that ranking."""
+    complete = [t for t in study.trials if t.state.name == "COMPLETE" and t.intermediate_values]
+    if len(complete) <= top:
+        return []
+    final = pd.Series([t.value for t in complete])
+    best_of_top = final.rank(ascending=False) <= top
+    rows = []
+    for epoch in epochs:
+        by_then = pd.Series([max((v for step, v in t.intermediate_values.items() if step <= epoch),
+                                 default=float("nan")) for t in complete])
+        places = sorted(int(p) for p in by_then.rank(ascending=False)[best_of_top].dropna())
+        rows.append({"stage": "search", "measure": f"rank after {epoch} epoch{'s' * (epoch > 1)} vs final",
+                     "value": f"{by_then.corr(final, method='spearman'):.2f}",
+                     "note": f"Spearman over K = 1's {len(complete)} complete trials; its {top} best "
+                             f"finals stood {', '.join(map(str, places))} of {len(complete)} then"})
     return rows
 
 

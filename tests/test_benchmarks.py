@@ -2,10 +2,11 @@
 import re
 
 import numpy as np
+import optuna
 import pandas as pd
 import torch
 
-from benchmarks import bench_extract, bench_transfer, gpu_check
+from benchmarks import bench_extract, bench_search, bench_transfer, gpu_check
 from benchmarks.transfer_example import planted_drop
 from cache.vocabulary import shared_name
 from conftest import call_main
@@ -85,3 +86,18 @@ def test_bench_transfer_refuses_an_earlier_runs_work_dir(tmp_path):
     (tmp_path / "caches").mkdir()
     result = call_main("benchmarks.bench_transfer", "--quick", "--work-dir", tmp_path, check_rc=2)
     assert "holds an earlier run" in result.stderr and result.stdout == ""
+
+
+def test_horizon_rows_rank_heads_by_what_they_had_reached_then():
+    """Six planted learning curves: slow starters end best, so the ranking after one epoch is
+    the reverse of the final one and after three epochs (every curve at its end) the same."""
+    study = optuna.create_study(direction="maximize")
+    for head in range(6):
+        early, final = 0.6 + 0.01 * head, 0.8 - 0.01 * head  # head 0: slowest start, best end
+        study.add_trial(optuna.trial.create_trial(value=final, params={}, distributions={},
+                                                  intermediate_values={1: early, 2: early, 3: final}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, intermediate_values={1: 0.99}))
+    after_one, after_three = bench_search.horizon_rows(study, epochs=(1, 3), top=2)
+    assert after_one["value"] == "-1.00" and "stood 5, 6 of 6" in after_one["note"]
+    assert after_three["value"] == "1.00" and "stood 1, 2 of 6" in after_three["note"]
+    assert bench_search.horizon_rows(study, top=6) == []  # too few complete trials to rank
