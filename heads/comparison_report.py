@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from heads.comparison import Comparison
+from heads.data import is_official_nih_test
+from heads.report import recipe_marks, run_recipes
 from heads.settings import BY_NAME
 
 
@@ -89,7 +91,18 @@ def markdown(comparison: Comparison) -> str:
     lines += _per_class_markdown(comparison)
     for name in comparison.differences["run"].unique():
         lines += [""] + _differences_markdown(comparison, name)
+    if marks(comparison):
+        lines += ["", "**" + "; ".join(marks(comparison)) + "**"]
     return "\n".join(lines) + "\n"
+
+
+def marks(comparison: Comparison) -> list:
+    """What keeps this comparison from passing for a result: any run's random encoder weights
+    or synthetic features, a test split other than NIH's official one."""
+    found = recipe_marks([recipe for run in comparison.runs for recipe in run_recipes(run.config)])
+    if not is_official_nih_test(comparison.runs[comparison.reference].test["image_id"]):
+        found.append("not the official NIH test split")
+    return found
 
 
 def _runs_markdown(comparison) -> list[str]:
@@ -193,7 +206,11 @@ def plot_forest(path, comparison: Comparison) -> None:
     fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=min(4, len(comparison.runs)), fontsize=8)
     fig.suptitle(f"{comparison.n_resamples} patient resamples; reference: {comparison.runs[comparison.reference].label}",
                  fontsize=10)
-    fig.tight_layout(rect=(0, 0.04 + 0.02 * ((len(comparison.runs) - 1) // 4), 1, 1))
+    red = marks(comparison)
+    if red:
+        fig.text(0.5, 0.955, "; ".join(red), ha="center", va="top", color="red", fontsize=9, weight="bold")
+    top = 1 - (0.22 / fig.get_figheight() if red else 0)
+    fig.tight_layout(rect=(0, 0.04 + 0.02 * ((len(comparison.runs) - 1) // 4), 1, top))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

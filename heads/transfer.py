@@ -45,7 +45,7 @@ from heads.data import HeadsError, load_head_data, scoring_warnings
 from heads.estimator import Head, HeadGrid
 from heads.external import (ExternalError, check_target, class_pairs, dataset_of, dataset_title, evaluate,
                             read_source_run, read_target, recipe_differences, write_evaluation)
-from heads.report import write_json
+from heads.report import recipe_marks, write_json
 from heads.training import fit_and_report
 
 KIND = "transfer"
@@ -259,13 +259,7 @@ def _dataset(sources, name) -> str:
 
 
 def _marks(sources) -> list:
-    attrs = sources[0].attrs
-    marks = []
-    if str(attrs.get("weights", "")).startswith("random("):
-        marks.append("RANDOM ENCODER WEIGHTS: a pipeline test, not a result")
-    if attrs.get("backbone") == "synthetic-gaussian":
-        marks.append("SYNTHETIC FEATURES")
-    return marks
+    return recipe_marks([source.attrs for source in sources])
 
 
 def plot_matrix(path: Path, *, sources, cells, dropped) -> None:

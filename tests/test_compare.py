@@ -11,7 +11,8 @@ import pytest
 import cache
 from cache.synthetic import write_synthetic_cache
 from conftest import call_main, run_cli
-from heads.comparison import DIFFERENCE_COLUMNS, describe_features
+from heads import comparison_report
+from heads.comparison import DIFFERENCE_COLUMNS, compare_runs, describe_features, label_runs, load_run
 from heads.metrics import bootstrap_auc
 from heads.paired import bootstrap_p_value, delong_test, holm, paired_bootstrap_auc, paired_differences
 
@@ -143,6 +144,11 @@ def test_a_clearly_weaker_run_loses_in_every_class(runs, tmp_path):
     assert (out / "forest_plot.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (out / "comparison.md").read_text()
     assert "best validation mean AUC" in markdown and "| Hernia |" in markdown
+    # synthetic features on a synthetic split: said in the tables and on the figure
+    assert markdown.rstrip().endswith("**SYNTHETIC FEATURES; not the official NIH test split**")
+    loaded = label_runs([load_run(str(runs / "weak")), load_run(str(runs / "strong"))])
+    assert comparison_report.marks(compare_runs(loaded, reference=1, n_resamples=10)) == [
+        "SYNTHETIC FEATURES", "not the official NIH test split"]
     assert "minus" in result.stdout and "Hernia" in result.stdout
 
 
