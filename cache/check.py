@@ -196,6 +196,9 @@ def _classes_problem(classes) -> str | None:
     """The `classes` attribute must name each label column once, as text."""
     if not isinstance(classes, list) or not classes or not all(isinstance(name, str) and name for name in classes):
         return f"attribute classes is {str(classes)[:60]!r}, not a list of class names"
+    unprintable = [name for name in classes if not name.isprintable()]
+    if unprintable:
+        return f"attribute classes holds a name with control characters: {unprintable[0][:60]!r}"
     if len(set(classes)) < len(classes):
         return f"attribute classes names a class twice: {sorted({c for c in classes if classes.count(c) > 1})}"
     return None

@@ -68,6 +68,8 @@ TAMPERINGS = {
     "classes as one string": (_set_classes("Atelectasis"), "attribute classes is 'Atelectasis', not a list"),
     "classes as numbers": (_set_classes(np.arange(14)), "not a list of class names"),
     "a class named twice": (_set_classes(["Edema"] * 14), "names a class twice: ['Edema']"),
+    "a class name with an escape sequence": (_set_classes([f"c{i}" for i in range(13)] + ["Mass\x1b[2J"]),
+                                             "a name with control characters: 'Mass\\x1b[2J'"),
     "an attribute that is not UTF-8": (lambda f, t: f.attrs.__setitem__("backbone", np.bytes_(b"\xff\xfe")),
                                        "attribute backbone is not UTF-8 text"),
 }

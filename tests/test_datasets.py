@@ -151,9 +151,12 @@ def test_a_row_with_more_cells_than_the_header_names_its_line(tmp_path):
 @pytest.mark.parametrize("header, message", [
     ("path,patient_id,split,Effusion,Effusion", r"labels.csv line 1: column 'Effusion' appears twice"),
     ("path,patient_id,split,,Mass", r"labels.csv line 1: column 4 has no name"),
+    ("path,patient_id,split,Mass|Nodule,Effusion", r"labels.csv line 1: column 4 is named 'Mass\|Nodule'"),
+    ("path,patient_id,split,Effusion,Mass\x1b[2J", r"labels.csv line 1: column 5 is named 'Mass\\x1b\[2J'"),
 ])
-def test_a_label_column_named_twice_or_not_at_all_is_refused(tmp_path, header, message):
-    """pandas would rename it (Effusion.1, Unnamed: 3), and the cache would hold a class the file never named."""
+def test_a_label_column_named_twice_badly_or_not_at_all_is_refused(tmp_path, header, message):
+    """pandas would rename it (Effusion.1, Unnamed: 3), and the cache would hold a class the file
+    never named; a | or an escape sequence would break every table and terminal that shows it."""
     data_dir, options = dataset_layouts.own_csv(tmp_path)
     lines = open(options.labels_csv).read().splitlines()
     open(options.labels_csv, "w").write("\n".join([header] + lines[1:]) + "\n")

@@ -34,9 +34,7 @@ def read(data_dir: Path, options: Options) -> tuple[dict, dict]:
         raise DatasetError(f"--labels-csv {csv_path}: no such file")
     uncertain = options.uncertain or "mask"
     frame = read_csv(csv_path, columns=REQUIRED, dataset="own labels")
-    blank = [position for position, name in enumerate(header_names(csv_path), start=1) if not name]
-    if blank:
-        raise DatasetError(f"{csv_path} line 1: column {blank[0]} has no name; name it (a label) or remove it")
+    _check_header(csv_path)
     classes = [c for c in frame.columns if c not in REQUIRED + METADATA]
     if not classes:
         raise DatasetError(f"{csv_path}: no label columns besides {', '.join(REQUIRED + METADATA)}")
@@ -61,6 +59,17 @@ def read(data_dir: Path, options: Options) -> tuple[dict, dict]:
         rows = select(rows, np.isin(rows["view"], options.views))
         provenance["views"] = list(options.views)
     return rows, provenance
+
+
+def _check_header(path: Path) -> None:
+    """A label's name becomes a column of every table and a title of every figure, so it must
+    be there and printable, without the | or ` that would break a markdown table."""
+    for position, name in enumerate(header_names(path), start=1):
+        if not name:
+            raise DatasetError(f"{path} line 1: column {position} has no name; name it (a label) or remove it")
+        if any(c in name for c in "|`") or not name.isprintable():
+            raise DatasetError(f"{path} line 1: column {position} is named {name!r}; a label's name may not hold "
+                               f"| or ` or control characters: rename it")
 
 
 def _check_rows(frame: pd.DataFrame, path) -> None:
