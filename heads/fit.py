@@ -63,10 +63,7 @@ def fit_heads(*, train, val, settings_list: list, device, on_epoch=None, max_sta
     settings_list = [dict(s) for s in settings_list]
     if not settings_list:
         return []
-    for name in SHARED_SETTINGS:
-        values = {s.get(name) for s in settings_list}
-        if len(values) > 1:
-            raise ValueError(f"heads trained in one pass share {name}; got {sorted(values)}")
+    check_shared(settings_list)
     results = [None] * len(settings_list)
     for group in plan_passes(settings_list, in_dim=train.features.shape[1], n_classes=train.labels.shape[1],
                              max_stack_bytes=max_stack_bytes):
@@ -107,6 +104,14 @@ def _autocast_for(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
+def check_shared(settings_list: list) -> None:
+    """Heads on one stream of minibatches must agree on SHARED_SETTINGS (ValueError)."""
+    for name in SHARED_SETTINGS:
+        values = {s.get(name) for s in settings_list}
+        if len(values) > 1:
+            raise ValueError(f"heads trained in one pass share {name}; got {sorted(values)}")
+
+
 def _run_pass(indices: list, settings_list: list, results: list, *, train, val, device, on_epoch) -> None:
     training = Training(indices, settings_list, train=train, val=val, device=device)
     while training.live():
@@ -125,6 +130,7 @@ class Training:
         device = torch.device(device)
         self.start = time.perf_counter()
         self.train, self.val = train, val
+        check_shared([settings_list[i] for i in indices])
         shared = settings_list[indices[0]]
         self.batch_size = shared["batch_size"]
         self.shuffle = torch.Generator(device="cpu").manual_seed(shared["seed"])

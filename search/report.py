@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 from optuna.trial import TrialState
 
-from cache.outdir import is_kit_dir
 from heads.comparison import check_same_test_rows, load_run
+from heads.runs import find_runs
 from heads.training import print_summary as print_run_summary
 from search import plots
 from search.storage import mask_url
@@ -86,23 +86,10 @@ def print_summary(study, *, out, url, ran, seconds, best, metrics, run_dir, data
     print(f"study storage: {mask_url(url)}   browse it: optuna-dashboard {mask_url(url)}")
 
 
-STANDING_DEPTH = 4  # how deep under the output tree run directories are looked for
-
-
 def output_tree(out: Path) -> Path:
     """The tree whose runs the best run is set against: `outputs/` for the default
     `outputs/search/<study>`, else the folder holding the search folder."""
     return out.parent.parent if out.parent.name == "search" else out.parent
-
-
-def find_runs(root: Path) -> list:
-    """Run directories the kit wrote under `root` (a marker and a metrics.json), nearest first."""
-    runs = []
-    for depth in range(1, STANDING_DEPTH + 1):
-        for metrics in sorted(root.glob("/".join(["*"] * depth) + "/metrics.json")):
-            if is_kit_dir(metrics.parent):
-                runs.append(metrics.parent)
-    return runs
 
 
 STANDING_SHOWN = 5  # other runs listed, and put in the heads.compare command

@@ -84,7 +84,8 @@ def get_args_parser(add_help=True):
                         help="at each rung (first rung x eta^i epochs) a pass keeps its best 1/eta heads by "
                              f"validation AUC; 1 turns halving off (>= 1; default: {DEFAULT_ETA})")
     parser.add_argument("--n-jobs", type=number_type(int, Valid(1)), default=1,
-                        help="threads of this process that share the training of each pass (>= 1)")
+                        help="threads of this process: a pass asks K x n-jobs trials and the threads share their "
+                             "training, each with its own heads (>= 1)")
     parser.add_argument("--timeout", type=number_type(float, Valid(0, low_open=True)), default=None,
                         help="seconds after which no new pass starts (> 0; default: none)")
     parser.add_argument("--stale-after", type=number_type(float, Valid(6)), default=DEFAULT_STALE_AFTER_S,

@@ -9,7 +9,7 @@ from cache.synthetic import write_synthetic_cache
 from heads import settings as head_settings
 from heads.data import HeadsError, load_head_data
 from heads.metrics import auc_on_device
-from heads.fit import fit_head, fit_heads, predict_proba
+from heads.fit import Training, fit_head, fit_heads, predict_proba
 
 BASE = {**head_settings.DEFAULTS, "max_epochs": 4, "patience": 2, "batch_size": 256}
 # Differ in every per-head setting, and in shape (two stacks of depth 1, one of depth 0).
@@ -94,6 +94,8 @@ def test_callback_errors_propagate_and_shared_settings_are_enforced(data):
         fit_heads(train=data.train, val=data.val, settings_list=[BASE, {**BASE, "batch_size": 512}], device="cpu")
     with pytest.raises(ValueError, match="seed"):
         fit_heads(train=data.train, val=data.val, settings_list=[BASE, {**BASE, "seed": 1}], device="cpu")
+    with pytest.raises(ValueError, match="precision"):  # the search builds its passes with Training directly
+        Training([0, 1], [BASE, {**BASE, "precision": "bf16"}], train=data.train, val=data.val, device="cpu")
 
 
 def test_the_process_rng_is_neither_used_nor_seeded(data, alone):
