@@ -122,8 +122,9 @@ def train_pass(run: SearchContext, trials: list, settings: list, *, n_jobs: int)
         groups.setdefault((chosen["batch_size"], chosen.get("features", "")), []).append(index)
     units = [share for members in groups.values() for share in _split(members, n_jobs)]
     trainings = [start_training(run, settings, members) for members in units]
-    on_epoch = _pruner_callback(trials)
     halving = run.halving or Halving.off()
+    uncut = halving.uncut(settings)
+    on_epoch = _pruner_callback(trials, uncut=uncut)
     rungs = halving.rungs(run.fixed["max_epochs"])
     stopped_at = {}
     with ThreadPoolExecutor(max_workers=max(1, min(n_jobs, len(units)))) as pool:
@@ -135,8 +136,8 @@ def train_pass(run: SearchContext, trials: list, settings: list, *, n_jobs: int)
                 list(pool.map(lambda training: _run_until(training, point, on_epoch), live))
                 if point in rungs:
                     rung = rungs.index(point) + 1
-                    cut = halving.cut(trainings, rung=rung, started=len(trials), trials=trials,
-                                      inside_epoch=point != epoch)
+                    cut = halving.cut(trainings, rung=rung, started=len(trials) - len(uncut), trials=trials,
+                                      inside_epoch=point != epoch, uncut=uncut)
                     for index, val_auc in cut.items():
                         stopped_at[index] = (rung, point)
                         if point < 1:  # cut inside its first epoch: the rung's figure is its only one
@@ -163,13 +164,14 @@ def start_training(run: SearchContext, settings: list, members: list):
         return _FailedTraining({index: _failed(f"{type(err).__name__}: {err}") for index in members})
 
 
-def _pruner_callback(trials: list):
+def _pruner_callback(trials: list, *, uncut=frozenset()):
+    """Report each epoch; the pruner may stop any head but those of `uncut` (Halving.uncut)."""
     def on_epoch(index, epoch, val_auc):
         try:
             trials[index].report(val_auc, epoch)
         except optuna.exceptions.UpdateFinishedTrialError:
             return False  # failed as stale by another worker: stop this head, not its whole group
-        return not trials[index].should_prune()
+        return index in uncut or not trials[index].should_prune()
     return on_epoch
 
 
@@ -211,7 +213,12 @@ class Halving:
     after that share of the epoch's minibatches, ranks the heads by the larger of their best
     epoch so far and their validation AUC at that point, and the survivors go on with the same
     minibatches. What a rung measures is how much data a head has seen, so `for_rows` sets the
-    first rung in rows: a cache with more train rows cuts at the same amount of training."""
+    first rung in rows: a cache with more train rows cuts at the same amount of training.
+
+    Linear heads are never cut (`uncut`): neither a rung nor the pruner stops them, and they
+    train to early stopping. An epoch of one costs a small fraction of a hidden-layer head's, so
+    cutting it saves next to nothing, while an early judgment is most wrong about it: a linear
+    head starts slowest and often ends best on frozen features (docs/performance.md)."""
     first_rung: float
     eta: int
 
@@ -237,9 +244,17 @@ class Halving:
             rung += 1
         return points
 
-    def cut(self, trainings: list, *, rung: int, started: int, trials: list, inside_epoch: bool = False) -> dict:
-        """Stop all but the best max(1, started // eta^rung) live heads (ties: the earlier
-        trial); returns {trial index stopped: the validation AUC it was ranked by}. The count follows the schedule, not the heads
+    def uncut(self, settings: list) -> frozenset:
+        """The indices of `settings` that no rung and no pruner stops: the linear heads, when halving is on."""
+        if self.eta < 2:
+            return frozenset()
+        return frozenset(index for index, chosen in enumerate(settings) if chosen["depth"] == 0)
+
+    def cut(self, trainings: list, *, rung: int, started: int, trials: list, inside_epoch: bool = False,
+            uncut=frozenset()) -> dict:
+        """Stop all but the best max(1, started // eta^rung) live heads outside `uncut` (ties:
+        the earlier trial); returns {trial index stopped: the validation AUC it was ranked by}.
+        `started` counts the heads a rung may cut. The count follows the schedule, not the heads
         still live, so heads the pruner or early stopping ended do not shrink the later rungs.
         Inside an epoch a head is ranked by the larger of its best epoch so far and its
         validation AUC now."""
@@ -249,7 +264,7 @@ class Halving:
             for training in trainings:
                 if training.live():
                     now.update(training.current_val_aucs())
-        live = [(training, index) for training in trainings for index in training.live()]
+        live = [(training, index) for training in trainings for index in training.live() if index not in uncut]
 
         def score(training, index):
             return max(training.best_val_auc(index), now.get(index, float("-inf")))

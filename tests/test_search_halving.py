@@ -1,6 +1,7 @@
 """Successive halving inside a pass (search.passes.Halving): the heads a pass keeps train exactly
-as they would alone, a head stopped at a rung is a PRUNED trial that says which rung, a kill at
-any rung still ends with exactly N trials, and the best trial retrained alone gives its value."""
+as they would alone, a head stopped at a rung is a PRUNED trial that says which rung, linear heads
+are never cut, a kill at any rung still ends with exactly N trials, and the best trial retrained
+alone gives its value."""
 import json
 import os
 import subprocess
@@ -18,18 +19,21 @@ from search.passes import Halving, SearchContext, train_pass
 
 QUICK = ["--max-epochs", "12", "--patience", "3", "--bootstrap", "20", "--device", "cpu"]
 BASE = {**head_settings.DEFAULTS, "max_epochs": 9, "patience": 9, "precision": "fp32"}
+SMALL = {"depth": 2, "width": 8}  # a rung cuts only heads with hidden layers
 # Two batch sizes (two minibatch streams that must advance together), two shapes, and learning
 # rates far enough apart that the rungs have a clear order to find.
 PASS = [
-    {**BASE, "batch_size": 128, "lr": 3e-3},
-    {**BASE, "batch_size": 128, "lr": 1e-5},
+    {**BASE, **SMALL, "batch_size": 128, "lr": 3e-3},
+    {**BASE, **SMALL, "batch_size": 128, "lr": 1e-5},
     {**BASE, "batch_size": 128, "lr": 1e-3, "depth": 1, "width": 16},
     {**BASE, "batch_size": 256, "lr": 2e-5, "depth": 1, "width": 16},
-    {**BASE, "batch_size": 256, "lr": 1e-2, "weight_decay": 1e-3},
-    {**BASE, "batch_size": 256, "lr": 3e-5, "class_weighting": "none"},
-    {**BASE, "batch_size": 256, "lr": 3e-4},
+    {**BASE, **SMALL, "batch_size": 256, "lr": 1e-2, "weight_decay": 1e-3},
+    {**BASE, **SMALL, "batch_size": 256, "lr": 3e-5, "class_weighting": "none"},
+    {**BASE, **SMALL, "batch_size": 256, "lr": 3e-4},
     {**BASE, "batch_size": 128, "lr": 5e-5, "depth": 1, "width": 16, "dropout": 0.2},
 ]
+# Linear heads: slow starters that no rung may judge
+LINEAR = [{**BASE, "batch_size": 128, "lr": 1e-5}, {**BASE, "batch_size": 256, "lr": 3e-5}]
 
 
 def _study(out):
@@ -47,14 +51,14 @@ def _same(a, b, *, atol=1e-5):
         assert (x - y).abs().max() <= atol, name
 
 
-def _halving_pass(small_cache, halving):
-    """PASS trained as one pass of a study under `halving`: (data, study, trials, results, stopped_at)."""
+def _halving_pass(small_cache, halving, heads=PASS):
+    """`heads` trained as one pass of a study under `halving`: (data, study, trials, results, stopped_at)."""
     data = load_head_data(small_cache)
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
-    trials = [study.ask() for _ in PASS]
-    run = SearchContext(study=study, data=data, fixed=BASE, device="cpu", target=len(PASS), liveness=None,
+    trials = [study.ask() for _ in heads]
+    run = SearchContext(study=study, data=data, fixed=BASE, device="cpu", target=len(heads), liveness=None,
                         halving=halving)
-    return (data, study, trials, *train_pass(run, trials, PASS, n_jobs=1))
+    return (data, study, trials, *train_pass(run, trials, heads, n_jobs=1))
 
 
 def test_a_halving_pass_equals_its_heads_trained_alone_for_the_same_epochs(small_cache):
@@ -97,6 +101,29 @@ def test_a_rung_inside_an_epoch_cuts_there_and_the_survivors_still_train_as_alon
                        device="cpu"), result)
 
 
+def test_linear_heads_are_never_cut_and_train_as_alone(small_cache):
+    heads = LINEAR[:1] + PASS + LINEAR[1:]
+    data, _, _, results, stopped_at = _halving_pass(small_cache, Halving(first_rung=2, eta=2), heads)
+    # the rungs cut the 8 hidden-layer heads as in a pass of those alone: 4 -> 2 -> 1
+    assert sorted(stopped_at.values()) == [(1, 2)] * 4 + [(2, 4)] * 2 + [(3, 8)]
+    for index in (0, len(heads) - 1):
+        assert index not in stopped_at and results[index].status == "complete"
+        _same(fit_head(train=data.train, val=data.val, settings=heads[index], device="cpu"), results[index])
+    # below the first rung the slowest linear head is worse than a head the rungs kept going
+    kept_going = [i for i in range(1, len(heads) - 1) if stopped_at.get(i, (9, 9))[1] > 2]
+    assert results[0].history[1]["val_mean_auc"] < max(results[i].history[1]["val_mean_auc"] for i in kept_going)
+
+
+def test_the_pruner_stops_any_head_but_a_linear_one_under_halving():
+    from search.passes import _pruner_callback
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
+    trials = [study.ask() for _ in range(2)]  # every value is below 2: the pruner would stop both
+    settings = [{"depth": 0}, {"depth": 1}]
+    on_epoch = _pruner_callback(trials, uncut=Halving(first_rung=1, eta=3).uncut(settings))
+    assert on_epoch(0, 1, 0.6) is True and on_epoch(1, 1, 0.6) is False
+    assert Halving.off().uncut(settings) == frozenset()  # without halving the pruner judges every head
+
+
 def test_the_default_first_rung_is_set_in_rows_seen():
     assert Halving.for_rows(20_000, train_rows=19_536, eta=3).rungs(30) == [1, 3, 9, 27]  # one epoch, at most
     assert Halving.for_rows(20_000, train_rows=78_146, eta=3).rungs(30) == [0.256, 0.768, 2.304, 6.912, 20.736]
@@ -110,9 +137,13 @@ def test_pruned_trials_carry_their_rung_and_the_best_retrained_alone_gives_its_v
     study = _study(out)
     assert len(study.trials) == 16 and len(_finished(study)) == 16
     at_rungs = [t for t in study.trials if "halving_rung" in t.user_attrs]
-    # two passes of 8, each cut at epochs 2 (to 4 heads), 4 (to 2) and 8 (to 1); patience 3
-    # cannot stop a head before epoch 4, so the first rung always stops exactly 4 of each pass
-    assert sum(t.user_attrs["halving_rung"] == 1 for t in at_rungs) == 8
+    # two passes of 8, each cut at epochs 2 (to half its hidden-layer heads), 4 and 8; patience 3
+    # cannot stop a head before epoch 4, so the first rung stops exactly that many of each pass
+    for first in (0, 8):
+        hidden = [t for t in study.trials[first:first + 8] if t.params["depth"] > 0]
+        kept = min(len(hidden), max(1, len(hidden) // 2))
+        assert sum(t.user_attrs.get("halving_rung") == 1 for t in hidden) == len(hidden) - kept
+    assert at_rungs and all(t.params["depth"] > 0 for t in at_rungs)  # linear heads are never cut
     for trial in at_rungs:
         rung, epoch = trial.user_attrs["halving_rung"], trial.user_attrs["halving_rung_epoch"]
         assert trial.state == TrialState.PRUNED and epoch == 2 * 2 ** (rung - 1)
