@@ -34,8 +34,9 @@ from search.study import FINISHED, best_text, best_trial, count, fail_interrupte
 
 # Trials per pass when --trials-per-pass is not given, by device, and the successive-halving
 # schedule inside a pass (docs/performance.md: measured on a 2-core CPU with the benchmark's
-# defaults against one trial at a time). A pass of 16 keeps its best 5 after its first rung and
-# its best one after the second: most epochs go to the heads that win. The first rung is set in
+# defaults against one trial at a time). A pass of 16 keeps its best 5 hidden-layer heads after
+# its first rung and its best one after the second (linear heads are never cut): most epochs
+# go to the heads that win. The first rung is set in
 # train rows seen, one epoch of the quarter-NIH-scale cache it was measured on (19,536 rows),
 # and at most one epoch: a larger cache cuts after the same amount of training, inside its
 # first epoch. A GPU step is launch overhead that K heads share, hence more heads there (not
