@@ -85,15 +85,17 @@ def check_csv(path: Path) -> None:
             raise OutDirError(f"--csv {path} exists and is not a table written by heads.runs; choose another --csv")
 
 
-def find_runs(folder: Path) -> list[Path]:
-    """Every run folder under `folder` (itself included), in path order. Links are not followed;
-    a run's or comparison's insides and half-written `.partial` folders are not searched."""
+def find_runs(folder: Path, *, max_depth: int | None = None) -> list[Path]:
+    """Every run folder under `folder` (itself included), at most `max_depth` folders down, in
+    path order. Links are not followed; a run's or comparison's insides and half-written
+    `.partial` folders are not searched."""
     found = []
     for directory, subfolders, _ in os.walk(folder):
         kind = folder_kind(directory)
         if kind == "run":
             found.append(Path(directory))
-        if kind in ("run", "comparison"):
+        if kind in ("run", "comparison") or (
+                max_depth is not None and len(Path(directory).relative_to(folder).parts) >= max_depth):
             subfolders.clear()
         subfolders[:] = sorted(s for s in subfolders if not s.endswith(PARTIAL))
     return sorted(found)

@@ -86,6 +86,9 @@ def print_summary(study, *, out, url, ran, seconds, best, metrics, run_dir, data
     print(f"study storage: {mask_url(url)}   browse it: optuna-dashboard {mask_url(url)}")
 
 
+STANDING_DEPTH = 4  # how deep under the output tree run directories are looked for: it may be a home folder
+
+
 def output_tree(out: Path) -> Path:
     """The tree whose runs the best run is set against: `outputs/` for the default
     `outputs/search/<study>`, else the folder holding the search folder."""
@@ -107,7 +110,8 @@ def print_standing(out: Path, run_dir: Path) -> None:
         return
     if not _finite(mine.val_mean_auc):
         return
-    peers = sorted(same_test_rows_runs(mine, candidates=find_runs(root)), key=lambda run: -run.val_mean_auc)
+    candidates = find_runs(root, max_depth=STANDING_DEPTH)
+    peers = sorted(same_test_rows_runs(mine, candidates=candidates), key=lambda run: -run.val_mean_auc)
     if not peers:
         return
     shown = peers[:STANDING_SHOWN]

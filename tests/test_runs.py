@@ -105,3 +105,13 @@ def test_a_csv_the_kit_did_not_write_is_left_alone(outputs, tmp_path):
     assert csv.read_text() == "my,own,notes\n"
     assert call_main("heads.runs", tmp_path / "nowhere").returncode == 2
 
+
+
+def test_find_runs_stops_at_max_depth_and_never_enters_a_run(tmp_path):
+    from cache.outdir import mark_kit_dir
+    from heads.runs import find_runs
+    for folder in ("a", "x/b", "x/y/z/c", "a/inside"):
+        (tmp_path / folder).mkdir(parents=True)
+        mark_kit_dir(tmp_path / folder, kind="run")
+    assert find_runs(tmp_path) == [tmp_path / "a", tmp_path / "x/b", tmp_path / "x/y/z/c"]
+    assert find_runs(tmp_path, max_depth=2) == [tmp_path / "a", tmp_path / "x/b"]  # x/y/z/c is 4 down
